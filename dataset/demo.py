@@ -1,0 +1,550 @@
+"""The embedded demo world: one small, generated universe that every training stage talks about.
+
+A model of a few M parameters sees only ~1-3M tokens in a few minutes on a laptop CPU. Open-domain
+text is far too varied to learn at that budget, so the course generates its own data from a tiny
+world: eight children (Tom, Mia, Sam, Lily, Ben, Zoe, Max, Amy), ten objects, eight colours, six
+places, countable things, and small-number arithmetic. The vocabulary is a few hundred words, so
+each stage can show its effect in minutes:
+
+* pretraining text (``{"text"}``): little stories ("Mia has a red ball. She went to the park."),
+  arithmetic facts written out with spaces ("23 + 45 = 68.") and word problems with their worked
+  answer ("Tom has 23 apples. Mia gives him 45 more. Now Tom has 68 apples.");
+* SFT chats (``{"conversations"}``): arithmetic, word problems and questions answerable from the
+  prompt; every assistant turn ends with the checkable line "The answer is X." (:func:`extract_answer`);
+* DPO pairs (``{"chosen", "rejected"}``): same prompt; the rejected answer holds a plausible mistake
+  (off by one or ten, wrong operation, wrong colour/person/place) or drops the "The answer is" line,
+  so the preference is decidable from the text alone;
+* RL prompts (``{"conversations": [user, placeholder], "gt": ["68"]}``): a notch harder than SFT
+  (carries, two-step problems; ``DemoSizes.rl_difficulty``) so a small SFT model is right only part
+  of the time, which is where GRPO/PPO have something to learn.
+
+Held-out splits measure generalisation, not recall. Every arithmetic step ``(op, a, b)`` (addition
+keyed by the unordered pair) and every world fact ``(name, colour, object)`` / ``(name, place)`` is
+assigned to train or eval by a hash (:func:`split_of`); a train item only ever uses train keys and
+an eval item only eval keys, in every stage. Train and eval also use different random seeds.
+
+Generation is deterministic (``random.Random`` seeded with a string), takes a couple of seconds and
+copies no third-party text. The VLM stage will add pictures of the same world (coloured objects,
+counts, positions) as ``vlm_train``/``vlm_eval`` entries of :func:`write_demo_data`; they are not
+built yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEMO_VERSION = 1
+EVAL_PERCENT = 15
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a careful math tutor. End with the answer.",
+    "Answer the question about the story.",
+)
+
+NAMES = ("Tom", "Mia", "Sam", "Lily", "Ben", "Zoe", "Max", "Amy")
+GIRLS = frozenset({"Mia", "Lily", "Zoe", "Amy"})
+OBJECTS = ("ball", "cup", "hat", "book", "box", "kite", "car", "bag", "pen", "boat")
+COLOURS = ("red", "blue", "green", "yellow", "pink", "black", "white", "orange")
+PLACES = ("the park", "the shop", "the beach", "the school", "the farm", "the zoo")
+THINGS = ("apples", "pears", "eggs", "coins", "stickers", "shells")
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """Record counts per file, tuned for a few-M-parameter model on 2 CPU cores.
+
+    With ~1 token per word, digit or punctuation mark the defaults give roughly 450k pretraining
+    tokens, 8k SFT chats (~300k tokens with the chat template), 3k DPO pairs and 2k RL prompts; eval files are small.
+    ``rl_difficulty``: 1 = bare two-digit sums/differences with a carry, 2 = one-step word problems
+    with a carry or two-step bare arithmetic ("23 + 45 - 17"), 3 = two-step word problems.
+    """
+
+    pretrain_train: int = 7000
+    pretrain_eval: int = 400
+    sft_train: int = 8000
+    sft_eval: int = 400
+    dpo_train: int = 3000
+    dpo_eval: int = 300
+    rl_train: int = 2000
+    rl_eval: int = 300
+    rl_difficulty: int = 2
+    seed: int = 0
+
+
+def split_of(*key: object) -> str:
+    """``"eval"`` for about :data:`EVAL_PERCENT` % of keys, else ``"train"``; stable across runs."""
+    digest = zlib.crc32("|".join(map(str, key)).encode())
+    return "eval" if digest % 100 < EVAL_PERCENT else "train"
+
+
+def _add_key(a: int, b: int) -> tuple:
+    return ("add", min(a, b), max(a, b))
+
+
+def _sub_key(a: int, b: int) -> tuple:
+    return ("sub", a, b)
+
+
+def extract_answer(text: str) -> str | None:
+    """The ``X`` of the last "The answer is X" in ``text`` (case-insensitive), without a final '.'.
+
+    ``"23 + 45 = 68. The answer is 68."`` -> ``"68"``; no such line -> ``None``.
+    """
+    starts = [m.end() for m in re.finditer(r"the answer is\b", text, flags=re.IGNORECASE)]
+    if not starts:
+        return None
+    rest = text[starts[-1]:].split("\n", 1)[0]
+    answer = re.split(r"\.\s", rest, maxsplit=1)[0].strip().rstrip(".").strip()
+    return answer or None
+
+
+def word_tokens(text: str) -> list[str]:
+    """A crude tokenizer: words, single digits and punctuation marks (a stand-in for BPE counts)."""
+    return re.findall(r"[A-Za-z']+|\d|[^\sA-Za-z\d]", text)
+
+
+def unigram_entropy(texts: Iterable[str], tokenize: Callable[[str], Sequence] | None = None) -> float:
+    """Entropy in nats per token of the unigram distribution of ``texts`` (plug-in estimate).
+
+    A baseline for the pretraining loss (also in nats per token): a model that ignores context
+    can do no better. Pass ``tokenize`` (text -> token ids) to count the model's own tokens;
+    the default is :func:`word_tokens`.
+    """
+    tokenize = tokenize or word_tokens
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(tokenize(text))
+    total = sum(counts.values())
+    if total == 0:
+        raise ValueError("no tokens")
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def _he(name: str) -> str:
+    return "she" if name in GIRLS else "he"
+
+
+def _him(name: str) -> str:
+    return "her" if name in GIRLS else "him"
+
+
+def _his(name: str) -> str:
+    return "her" if name in GIRLS else "his"
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+@dataclass
+class _World:
+    """Samplers for one split (``"train"`` or ``"eval"``) driven by one seeded ``random.Random``.
+
+    Every sampler rejects draws whose keys fall in the other split.
+    """
+
+    rng: random.Random
+    split: str
+
+    def ok(self, *keys: tuple) -> bool:
+        return all(split_of(*k) == self.split for k in keys)
+
+    def add_pair(self, lo: int = 10, hi: int = 99, carry: bool | None = None) -> tuple[int, int]:
+        while True:
+            a, b = self.rng.randint(lo, hi), self.rng.randint(lo, hi)
+            if carry is not None and ((a % 10 + b % 10) >= 10) != carry:
+                continue
+            if self.ok(_add_key(a, b)):
+                return a, b
+
+    def sub_pair(self, lo: int = 10, hi: int = 99, borrow: bool | None = None) -> tuple[int, int]:
+        while True:
+            a, b = self.rng.randint(lo, hi), self.rng.randint(lo, hi)
+            if b > a:
+                a, b = b, a
+            if borrow is not None and (a % 10 < b % 10) != borrow:
+                continue
+            if self.ok(_sub_key(a, b)):
+                return a, b
+
+    def two_step(self, lo: int = 10, hi: int = 60) -> tuple[int, int, int]:
+        """``a + b - c`` with every step in this split and a non-negative result."""
+        while True:
+            a, b = self.rng.randint(lo, hi), self.rng.randint(lo, hi)
+            c = self.rng.randint(lo, a + b)
+            if self.ok(_add_key(a, b), _sub_key(a + b, c)):
+                return a, b, c
+
+    def small_pair(self, op: str) -> tuple[int, int]:
+        if op == "+":
+            return self.add_pair(1, 9)
+        return self.sub_pair(1, 9)
+
+    def fact(self) -> tuple[str, str, str]:
+        while True:
+            name = self.rng.choice(NAMES)
+            colour, obj = self.rng.choice(COLOURS), self.rng.choice(OBJECTS)
+            if self.ok(("has", name, colour, obj)):
+                return name, colour, obj
+
+    def facts(self, n: int) -> list[tuple[str, str, str]]:
+        """``n`` facts about ``n`` different people with different objects and colours."""
+        while True:
+            picked = [self.fact() for _ in range(n)]
+            if all(len({f[i] for f in picked}) == n for i in range(3)):
+                return picked
+
+    def trip(self) -> tuple[str, str]:
+        while True:
+            name, place = self.rng.choice(NAMES), self.rng.choice(PLACES)
+            if self.ok(("went", name, place)):
+                return name, place
+
+    def trips(self, n: int) -> list[tuple[str, str]]:
+        while True:
+            picked = [self.trip() for _ in range(n)]
+            if len({t[0] for t in picked}) == n and len({t[1] for t in picked}) == n:
+                return picked
+
+    def other_name(self, *exclude: str) -> str:
+        return self.rng.choice([n for n in NAMES if n not in exclude])
+
+
+def _eq(a: int, op: str, b: int) -> str:
+    c = a + b if op == "+" else a - b
+    return f"{a} {op} {b} = {c}."
+
+
+def _story(w: _World) -> str:
+    """A few sentences about who has what and who went where."""
+    rng = w.rng
+    (n1, c1, o1), (n2, c2, o2) = w.facts(2)
+    t1, t2 = w.trips(2)
+    sentences = [f"{n1} has {_a(c1)} {c1} {o1}.", f"{n2} has {_a(c2)} {c2} {o2}."]
+    rng.shuffle(sentences)
+    extra = [
+        f"{t1[0]} went to {t1[1]}.",
+        f"{t2[0]} went to {t2[1]}.",
+        f"{n1} likes {_his(n1)} {c1} {o1}.",
+        f"The {o2} of {n2} is {c2}.",
+        f"{n1} played with the {c1} {o1} all day.",
+        f"{n2} and {w.other_name(n2)} went to {t1[1]} together.",
+        f"At {t2[1]}, {t2[0]} saw {_a(c1)} {c1} {o1}.",
+        f"{n1}'s {o1} is {c1}.",
+    ]
+    sentences += rng.sample(extra, rng.randint(2, 5))
+    return " ".join(sentences)
+
+
+def _facts_doc(w: _World) -> str:
+    rng = w.rng
+    lines = []
+    for _ in range(rng.randint(4, 8)):
+        op = rng.choice("+-")
+        if rng.random() < 0.25:
+            a, b = w.small_pair(op)
+        else:
+            a, b = w.add_pair() if op == "+" else w.sub_pair()
+        lines.append(_eq(a, op, b))
+    return " ".join(lines)
+
+
+def _word_problem_story(w: _World) -> str:
+    rng = w.rng
+    name = rng.choice(NAMES)
+    other = w.other_name(name)
+    thing = rng.choice(THINGS)
+    kind = rng.random()
+    if kind < 0.45:
+        a, b = w.add_pair()
+        return (f"{name} has {a} {thing}. {other} gives {_him(name)} {b} more. "
+                f"Now {name} has {a + b} {thing}.")
+    if kind < 0.9:
+        a, b = w.sub_pair()
+        return (f"{name} has {a} {thing}. {_cap(_he(name))} gives {b} {thing} to {other}. "
+                f"Now {name} has {a - b} {thing}.")
+    a, b, c = w.two_step()
+    return (f"{name} has {a} {thing}. {other} gives {_him(name)} {b} more. Then {_he(name)} "
+            f"gives {c} to {w.other_name(name, other)}. Now {name} has {a + b - c} {thing}.")
+
+
+def _qa_doc(w: _World) -> str:
+    (n1, c1, o1), (n2, c2, o2) = w.facts(2)
+    return (f"{n1} has {_a(c1)} {c1} {o1} and {n2} has {_a(c2)} {c2} {o2}. "
+            f"What colour is {n1}'s {o1}? It is {c1}. Who has the {c2} {o2}? {n2} has it.")
+
+
+def pretrain_texts(n: int, split: str, seed: int = 0) -> list[str]:
+    """``n`` pretraining documents: stories, arithmetic facts, word problems, short Q&A."""
+    w = _World(random.Random(f"demo-pretrain-{split}-{seed}"), split)
+    makers = (_story, _facts_doc, _word_problem_story, _qa_doc)
+    weights = (0.35, 0.3, 0.25, 0.1)
+    docs = []
+    for _ in range(n):
+        parts = [w.rng.choices(makers, weights)[0](w) for _ in range(w.rng.randint(1, 3))]
+        docs.append(" ".join(parts))
+    return docs
+
+
+def _q_arith(w: _World, op: str | None = None, carry: bool | None = None) -> tuple[str, str, int]:
+    """A bare arithmetic question -> (question, worked answer, value)."""
+    rng = w.rng
+    op = op or rng.choice("+-")
+    if op == "+":
+        a, b = w.add_pair(1, 9) if rng.random() < 0.1 and carry is None else w.add_pair(carry=carry)
+        q = rng.choice([f"What is {a} + {b}?", f"Compute {a} + {b}.", f"Add {a} and {b}.",
+                        f"How much is {a} + {b}?"])
+        c = a + b
+    else:
+        a, b = w.sub_pair(1, 9) if rng.random() < 0.1 and carry is None else w.sub_pair(borrow=carry)
+        q = rng.choice([f"What is {a} - {b}?", f"Compute {a} - {b}.", f"Subtract {b} from {a}.",
+                        f"How much is {a} - {b}?"])
+        c = a - b
+    return q, f"{_eq(a, op, b)} The answer is {c}.", c
+
+
+def _q_two_step(w: _World) -> tuple[str, str, int]:
+    a, b, c = w.two_step()
+    q = w.rng.choice([f"What is {a} + {b} - {c}?", f"Compute {a} + {b} - {c}."])
+    r = a + b - c
+    return q, f"{_eq(a, '+', b)} {_eq(a + b, '-', c)} The answer is {r}.", r
+
+
+def _q_word(w: _World, carry: bool | None = None, steps: int = 1) -> tuple[str, str, int]:
+    rng = w.rng
+    name = rng.choice(NAMES)
+    other = w.other_name(name)
+    thing = rng.choice(THINGS)
+    if steps == 2:
+        a, b, c = w.two_step()
+        third = w.other_name(name, other)
+        q = (f"{name} has {a} {thing}. {other} gives {_him(name)} {b} more. Then {_he(name)} gives "
+             f"{c} {thing} to {third}. How many {thing} does {name} have now?")
+        r = a + b - c
+        return q, f"{_eq(a, '+', b)} {_eq(a + b, '-', c)} The answer is {r}.", r
+    if rng.random() < 0.5:
+        a, b = w.add_pair(carry=carry)
+        q = rng.choice([
+            f"{name} has {a} {thing}. {other} gives {_him(name)} {b} more. How many {thing} does {name} have now?",
+            f"{name} has {a} {thing} and {other} has {b} {thing}. How many {thing} do they have together?",
+        ])
+        return q, f"{_eq(a, '+', b)} The answer is {a + b}.", a + b
+    a, b = w.sub_pair(borrow=carry)
+    q = rng.choice([
+        f"{name} has {a} {thing}. {_cap(_he(name))} gives {b} {thing} to {other}. "
+        f"How many {thing} does {name} have left?",
+        f"{name} had {a} {thing} and lost {b} of them. How many {thing} does {name} have now?",
+    ])
+    return q, f"{_eq(a, '-', b)} The answer is {a - b}.", a - b
+
+
+def _q_world(w: _World) -> tuple[str, str, str, list]:
+    """A question answerable from the prompt -> (question, answer text, answer, facts used)."""
+    rng = w.rng
+    if rng.random() < 0.25:
+        trips = w.trips(2)
+        context = " and ".join(f"{n} went to {p}" for n, p in trips) + "."
+        name, place = rng.choice(trips)
+        q = f"{context} Where did {name} go?"
+        return q, f"{name} went to {place}. The answer is {place}.", place, trips
+    facts = w.facts(rng.choice((2, 2, 3)))
+    context = _cap(" and ".join(f"{n} has {_a(c)} {c} {o}" for n, c, o in facts)) + "."
+    name, colour, obj = rng.choice(facts)
+    if rng.random() < 0.6:
+        q = f"{context} What colour is {name}'s {obj}?"
+        return q, f"{name}'s {obj} is {colour}. The answer is {colour}.", colour, facts
+    q = f"{context} Who has the {colour} {obj}?"
+    return q, f"{name} has the {colour} {obj}. The answer is {name}.", name, facts
+
+
+def _follow_up(w: _World, value: int) -> tuple[str, str] | None:
+    """A second turn that builds on the first answer ("Now add 12 to that.")."""
+    for _ in range(50):
+        b = w.rng.randint(2, 30)
+        if w.rng.random() < 0.5 and w.ok(_add_key(value, b)):
+            return f"Now add {b} to that.", f"{_eq(value, '+', b)} The answer is {value + b}."
+        if value >= b and w.ok(_sub_key(value, b)):
+            return f"Now take away {b}.", f"{_eq(value, '-', b)} The answer is {value - b}."
+    return None
+
+
+def _sft_one(w: _World) -> list[dict]:
+    rng = w.rng
+    roll = rng.random()
+    follow = None
+    if roll < 0.35:
+        q, a, value = _q_arith(w)
+        follow = _follow_up(w, value) if rng.random() < 0.25 else None
+    elif roll < 0.45:
+        q, a, value = _q_two_step(w)
+    elif roll < 0.7:
+        q, a, value = _q_word(w, steps=2 if rng.random() < 0.2 else 1)
+    else:
+        q, a, answer, facts = _q_world(w)
+        if rng.random() < 0.25 and len(facts[0]) == 3:
+            name, colour, obj = next(f for f in facts if answer not in f)
+            follow = (f"And what colour is {name}'s {obj}?", f"{name}'s {obj} is {colour}. The answer is {colour}.")
+    messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    if follow:
+        messages += [{"role": "user", "content": follow[0]}, {"role": "assistant", "content": follow[1]}]
+    if rng.random() < 0.08:
+        messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    return messages
+
+
+def sft_conversations(n: int, split: str, seed: int = 0) -> list[dict]:
+    """``n`` MiniMind SFT records ``{"conversations": [...]}``; every assistant turn ends with
+    "The answer is X."; ~15% are two-turn, ~8% start with a system message."""
+    w = _World(random.Random(f"demo-sft-{split}-{seed}"), split)
+    return [{"conversations": _sft_one(w)} for _ in range(n)]
+
+
+def _wrong_number(w: _World, answer: str, value: int) -> str:
+    """The worked answer with a plausible arithmetic slip: off by one or by ten in the result."""
+    delta = w.rng.choice([1, -1, 10, -10])
+    if value + delta < 0:
+        delta = -delta
+    wrong = value + delta
+    head, _, _ = answer.rpartition("The answer is")
+    head = re.sub(rf"= {value}\.(?!.*= )", f"= {wrong}.", head.strip())
+    return f"{head} The answer is {wrong}."
+
+
+def _dpo_one(w: _World) -> dict:
+    rng = w.rng
+    roll = rng.random()
+    if roll < 0.6:
+        if rng.random() < 0.5:
+            q, good, value = _q_arith(w)
+        else:
+            q, good, value = _q_word(w)
+        mode = rng.random()
+        a_b = re.match(r"(\d+) ([+-]) (\d+) = \d+\.", good)
+        if mode < 0.2 and a_b and (a_b.group(2) == "-" or int(a_b.group(1)) >= int(a_b.group(3))):
+            a, op, b = int(a_b.group(1)), a_b.group(2), int(a_b.group(3))
+            wrong_op = "-" if op == "+" else "+"
+            r = a - b if wrong_op == "-" else a + b
+            bad = f"{a} {wrong_op} {b} = {r}. The answer is {r}."
+        elif mode < 0.8:
+            bad = _wrong_number(w, good, value)
+        else:
+            bad = good.rpartition(" The answer is")[0]
+    elif roll < 0.75:
+        q, good, value = _q_two_step(w)
+        bad = _wrong_number(w, good, value) if rng.random() < 0.8 else good.rpartition(" The answer is")[0]
+    else:
+        q, good, answer, facts = _q_world(w)
+        if rng.random() < 0.8:
+            i = next(i for i, f in enumerate(facts) if answer in f)
+            wrong = facts[(i + 1) % len(facts)][facts[i].index(answer)]
+            bad = good.replace(answer, wrong)
+        else:
+            bad = good.rpartition(" The answer is")[0]
+    prompt = [{"role": "user", "content": q}]
+    return {
+        "chosen": prompt + [{"role": "assistant", "content": good}],
+        "rejected": prompt + [{"role": "assistant", "content": bad}],
+    }
+
+
+def dpo_pairs(n: int, split: str, seed: int = 0) -> list[dict]:
+    """``n`` MiniMind DPO records; ``chosen`` is correct and formatted, ``rejected`` is not."""
+    w = _World(random.Random(f"demo-dpo-{split}-{seed}"), split)
+    return [_dpo_one(w) for _ in range(n)]
+
+
+def _rl_one(w: _World, difficulty: int) -> tuple[str, int]:
+    rng = w.rng
+    if difficulty <= 1:
+        q, _, value = _q_arith(w, carry=True)
+    elif difficulty == 2:
+        q, _, value = _q_word(w, carry=True) if rng.random() < 0.5 else _q_two_step(w)
+    else:
+        q, _, value = _q_word(w, steps=2)
+    return q, value
+
+
+def rl_prompts(n: int, split: str, seed: int = 0, difficulty: int = 2) -> list[dict]:
+    """``n`` MiniMind RLAIF records with a verifiable ``gt``; see :class:`DemoSizes` for difficulty."""
+    w = _World(random.Random(f"demo-rl-{split}-{seed}-{difficulty}"), split)
+    out = []
+    for _ in range(n):
+        q, value = _rl_one(w, difficulty)
+        out.append({
+            "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": ""}],
+            "gt": [str(value)],
+        })
+    return out
+
+
+def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+DEMO_FILES = ("pretrain_train", "pretrain_eval", "sft_train", "sft_eval",
+              "dpo_train", "dpo_eval", "rl_train", "rl_eval")
+
+
+def write_demo_data(out_dir: str | Path, sizes: DemoSizes | None = None) -> dict[str, Path]:
+    """Write the demo world as MiniMind jsonl files and return ``{"pretrain_train": Path, ...}``.
+
+    Files: ``{pretrain,sft,dpo,rl}_{train,eval}.jsonl`` in ``out_dir`` plus ``demo_manifest.json``.
+    Idempotent: when the manifest records the same :data:`DEMO_VERSION` and ``sizes`` and every
+    file exists, nothing is rewritten.
+    """
+    sizes = sizes or DemoSizes()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / f"{name}.jsonl" for name in DEMO_FILES}
+    manifest_path = out_dir / "demo_manifest.json"
+    manifest = {"version": DEMO_VERSION, "sizes": asdict(sizes)}
+    if manifest_path.is_file() and all(p.is_file() for p in paths.values()):
+        try:
+            if json.loads(manifest_path.read_text()) == manifest:
+                return paths
+        except json.JSONDecodeError:
+            pass
+    seed = sizes.seed
+    for split in ("train", "eval"):
+        texts = pretrain_texts(getattr(sizes, f"pretrain_{split}"), split, seed)
+        _write_jsonl(paths[f"pretrain_{split}"], ({"text": t} for t in texts))
+        _write_jsonl(paths[f"sft_{split}"], sft_conversations(getattr(sizes, f"sft_{split}"), split, seed))
+        _write_jsonl(paths[f"dpo_{split}"], dpo_pairs(getattr(sizes, f"dpo_{split}"), split, seed))
+        rl = rl_prompts(getattr(sizes, f"rl_{split}"), split, seed, sizes.rl_difficulty)
+        _write_jsonl(paths[f"rl_{split}"], rl)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return paths
+
+
+def tokenizer_corpus(out_dir: str | Path, sizes: DemoSizes | None = None) -> Iterator[str]:
+    """Every *train* text of the demo world, for training the tokenizer: each pretraining
+    document, then each message content of the SFT, DPO and RL train files (written first if
+    missing). Eval files are left out so the tokenizer never sees held-out text."""
+    paths = write_demo_data(out_dir, sizes)
+    for stage, key in (("pretrain_train", None), ("sft_train", "conversations"),
+                       ("dpo_train", "chosen"), ("dpo_train", "rejected"), ("rl_train", "conversations")):
+        with paths[stage].open(encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if key is None:
+                    yield record["text"]
+                elif key == "rejected":
+                    yield record[key][-1]["content"]
+                else:
+                    yield from (m["content"] for m in record[key] if m["content"])

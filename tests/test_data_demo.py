@@ -1,0 +1,209 @@
+"""The demo world: deterministic, held-out splits that are really disjoint, answers that check out."""
+
+import json
+import math
+import re
+
+import pytest
+
+from dataset.demo import (
+    COLOURS,
+    NAMES,
+    OBJECTS,
+    PLACES,
+    DemoSizes,
+    extract_answer,
+    rl_prompts,
+    split_of,
+    tokenizer_corpus,
+    unigram_entropy,
+    word_tokens,
+    write_demo_data,
+)
+
+SMALL = DemoSizes(pretrain_train=60, pretrain_eval=20, sft_train=80, sft_eval=20,
+                  dpo_train=40, dpo_eval=10, rl_train=30, rl_eval=10)
+EQ = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
+FACT = re.compile(rf"\b({'|'.join(NAMES)}) has an? ({'|'.join(COLOURS)}) ({'|'.join(OBJECTS)})\b")
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.open(encoding="utf-8")]
+
+
+def _keys(text: str) -> set:
+    """Every arithmetic step ``(op, a, b)`` written in ``text`` (addition unordered)."""
+    out = set()
+    for a, op, b, _ in EQ.findall(text):
+        a, b = int(a), int(b)
+        out.add(("add", min(a, b), max(a, b)) if op == "+" else ("sub", a, b))
+    return out
+
+
+def _equations_true(text: str) -> bool:
+    return all(int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) for a, op, b, c in EQ.findall(text))
+
+
+def _user_texts(records, key="conversations"):
+    """The first user turn of each record: the prompt that carries the numbers and facts
+    (follow-up turns such as "Now add 12 to that." are shared on purpose)."""
+    return {next(m["content"] for m in r[key] if m["role"] == "user") for r in records}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("23 + 45 = 68. The answer is 68.", "68"),
+    ("Mia went to the zoo. The answer is the zoo.", "the zoo"),
+    ("The answer is 5. No wait. The answer is 7.", "7"),
+    ("the answer is 3.5.", "3.5"),
+    ("The answer is 12. Bye.", "12"),
+    ("I think it is 68.", None),
+    ("The answer is", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_unigram_entropy_matches_hand_computation():
+    assert unigram_entropy(["a b c d"]) == pytest.approx(math.log(4))
+    assert unigram_entropy(["a a a"]) == pytest.approx(0.0)
+    p = 2 / 3
+    assert unigram_entropy(["a a b"], tokenize=str.split) == pytest.approx(-p * math.log(p) - (1 - p) * math.log(1 - p))
+    assert word_tokens("Tom has 23 apples.") == ["Tom", "has", "2", "3", "apples", "."]
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    a = write_demo_data(tmp_path / "a", SMALL)
+    b = write_demo_data(tmp_path / "b", SMALL)
+    c = write_demo_data(tmp_path / "c", DemoSizes(**{**SMALL.__dict__, "seed": 1}))
+    assert set(a) == {f"{s}_{p}" for s in ("pretrain", "sft", "dpo", "rl") for p in ("train", "eval")}
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes()
+        assert a[name].read_bytes() != c[name].read_bytes()
+        assert a[name].name == f"{name}.jsonl"
+
+
+def test_write_is_idempotent_and_rewrites_when_sizes_change(tmp_path):
+    paths = write_demo_data(tmp_path, SMALL)
+    stamp = {n: p.stat().st_mtime_ns for n, p in paths.items()}
+    paths["sft_train"].write_text("tampered\n")
+    write_demo_data(tmp_path, SMALL)
+    assert paths["sft_train"].read_text() == "tampered\n"
+    assert paths["rl_eval"].stat().st_mtime_ns == stamp["rl_eval"]
+    bigger = DemoSizes(**{**SMALL.__dict__, "sft_train": 90})
+    write_demo_data(tmp_path, bigger)
+    assert len(_jsonl(paths["sft_train"])) == 90
+
+
+def test_default_sizes_fit_the_cpu_budget(data_demo_dir):
+    texts = [r["text"] for r in _jsonl(data_demo_dir["pretrain_train"])]
+    n_tokens = sum(len(word_tokens(t)) for t in texts)
+    assert 300_000 <= n_tokens <= 600_000
+    assert 6000 <= len(_jsonl(data_demo_dir["sft_train"])) <= 10_000
+    assert len(_jsonl(data_demo_dir["dpo_train"])) == 3000 and len(_jsonl(data_demo_dir["rl_train"])) == 2000
+    assert all(200 <= len(_jsonl(data_demo_dir[f"{s}_eval"])) <= 500 for s in ("pretrain", "sft", "dpo", "rl"))
+    vocab = {w for t in texts for w in word_tokens(t)}
+    assert len(vocab) < 200
+    assert 2.0 < unigram_entropy(texts) < 5.0
+
+
+def test_train_and_eval_are_disjoint(data_demo_dir):
+    load = {name: _jsonl(path) for name, path in data_demo_dir.items()}
+    for stage in ("sft", "rl"):
+        assert not _user_texts(load[f"{stage}_train"]) & _user_texts(load[f"{stage}_eval"])
+    assert not _user_texts(load["dpo_train"], "chosen") & _user_texts(load["dpo_eval"], "chosen")
+
+    def chat_text(records):
+        return " ".join(m["content"] for r in records for m in r["conversations"])
+
+    train_text = chat_text(load["sft_train"]) + " ".join(r["text"] for r in load["pretrain_train"])
+    eval_text = chat_text(load["sft_eval"]) + " ".join(r["text"] for r in load["pretrain_eval"])
+    train_keys, eval_keys = _keys(train_text), _keys(eval_text)
+    assert len(eval_keys) > 500 and not train_keys & eval_keys
+    train_facts, eval_facts = set(FACT.findall(train_text)), set(FACT.findall(eval_text))
+    assert len(eval_facts) > 30 and not train_facts & eval_facts
+    assert all(split_of("add", *k[1:]) == "eval" for k in eval_keys if k[0] == "add")
+
+
+def test_every_sft_answer_is_formatted_and_correct(data_demo_dir):
+    for path in (data_demo_dir["sft_train"], data_demo_dir["sft_eval"]):
+        n_multi = n_system = 0
+        records = _jsonl(path)
+        for record in records:
+            msgs = record["conversations"]
+            n_system += msgs[0]["role"] == "system"
+            n_multi += sum(m["role"] == "user" for m in msgs) > 1
+            for i, m in enumerate(msgs):
+                if m["role"] != "assistant":
+                    continue
+                answer = extract_answer(m["content"])
+                assert answer is not None, m["content"]
+                assert m["content"].endswith(f"The answer is {answer}.")
+                eqs = EQ.findall(m["content"])
+                if eqs:
+                    assert _equations_true(m["content"]), m["content"]
+                    assert eqs[-1][3] == answer
+                else:
+                    context = " ".join(x["content"] for x in msgs[:i] if x["role"] == "user")
+                    assert answer in context and answer in (*NAMES, *COLOURS, *PLACES)
+                    assert msgs[i - 1]["role"] == "user"
+        assert 0.1 < n_multi / len(records) < 0.25
+        assert 0.03 < n_system / len(records) < 0.15
+
+
+def test_dpo_chosen_is_right_and_rejected_is_wrong(data_demo_dir):
+    records = _jsonl(data_demo_dir["dpo_train"])
+    broken_format = 0
+    for r in records:
+        chosen, rejected = r["chosen"][-1]["content"], r["rejected"][-1]["content"]
+        assert r["chosen"][:-1] == r["rejected"][:-1] and chosen != rejected
+        good = extract_answer(chosen)
+        assert good is not None and _equations_true(chosen)
+        bad = extract_answer(rejected)
+        if bad is None:
+            broken_format += 1
+            continue
+        assert bad != good
+        prompt = r["chosen"][0]["content"]
+        if EQ.search(rejected):
+            wrong_op = not any(op in prompt for op in (f"{a} {o} {b}" for a, o, b, _ in EQ.findall(rejected)))
+            assert not _equations_true(rejected) or wrong_op, rejected
+    assert 0.05 < broken_format / len(records) < 0.3
+
+
+def test_rl_prompts_have_checkable_gt(data_demo_dir):
+    for name in ("rl_train", "rl_eval"):
+        for r in _jsonl(data_demo_dir[name]):
+            user, placeholder = r["conversations"]
+            assert placeholder == {"role": "assistant", "content": ""}
+            assert len(r["gt"]) == 1 and r["gt"][0].isdigit()
+            bare = re.search(r"(\d+) \+ (\d+) - (\d+)", user["content"])
+            if bare:
+                a, b, c = map(int, bare.groups())
+                assert r["gt"] == [str(a + b - c)]
+
+
+def test_rl_difficulty_is_a_dial():
+    easy = rl_prompts(50, "train", difficulty=1)
+    for r in easy:
+        q = r["conversations"][0]["content"]
+        if m := re.fullmatch(r"Add (\d+) and (\d+)\.", q):
+            a, op, b = int(m[1]), "+", int(m[2])
+        elif m := re.fullmatch(r"Subtract (\d+) from (\d+)\.", q):
+            a, op, b = int(m[2]), "-", int(m[1])
+        else:
+            a, op, b = re.fullmatch(r"\D+ (\d+) ([+-]) (\d+)[?.]", q).groups()
+            a, b = int(a), int(b)
+        value = a + b if op == "+" else a - b
+        assert r["gt"] == [str(value)]
+        assert (a % 10 + b % 10 >= 10) if op == "+" else (a % 10 < b % 10)
+    hard = rl_prompts(50, "train", difficulty=3)
+    assert all("Then" in r["conversations"][0]["content"] for r in hard)
+
+
+def test_tokenizer_corpus_is_train_only(tmp_path):
+    paths = write_demo_data(tmp_path, SMALL)
+    corpus = list(tokenizer_corpus(tmp_path, SMALL))
+    eval_prompts = _user_texts(_jsonl(paths["sft_eval"]))
+    assert len(corpus) > SMALL.pretrain_train + 2 * SMALL.sft_train
+    assert not eval_prompts & set(corpus)
+    assert _jsonl(paths["pretrain_train"])[0]["text"] == corpus[0]
