@@ -23,29 +23,43 @@ from .rope import apply_rotary
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor, q_len: int,
-                         past_len: int, dtype_device: torch.Tensor) -> torch.Tensor | None:
+                         past_len: int, dtype_device: torch.Tensor, kv_len: int | None = None) -> torch.Tensor | None:
     """A boolean mask [B, 1, T, S] (True = may attend), or None when plain causal attention suffices.
 
-    - `attention_mask` [B, S] (1 = real token, 0 = padding): keys that are padding are hidden.
+    - `attention_mask` [B, past + T] (1 = real token, 0 = padding): keys that are padding are hidden.
     - Packed sequences (no attention_mask, position_ids restarting at 0 inside a row): each packed
       document only sees itself: a block-diagonal causal mask built from where positions restart.
+    - Several new tokens after cached ones: the causal triangle is offset by `past_len`.
+    - `kv_len`: how many keys the cache hands back, when that is more than past + T (a StaticCache
+      returns all its preallocated slots; the empty ones lie in the future and are masked as such).
     Query rows that see nothing (left padding) are opened fully: their outputs are never used, and a
     row of all -inf would make softmax return NaN that leaks into gradients.
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        # generate() hands a ready boolean [B, 1, T, S] mask to static caches.
+        if attention_mask.dtype != torch.bool:
+            raise ValueError("a 4-D attention_mask must be boolean (True = may attend)")
+        return attention_mask | ~attention_mask.any(-1, keepdim=True)
     device = dtype_device.device
+    seen = past_len + q_len
+    kv_len = seen if kv_len is None else kv_len
     packed = (attention_mask is None and past_len == 0 and q_len > 1
               and bool((position_ids[:, 1:] <= position_ids[:, :-1]).any()))
-    if attention_mask is None and not packed:
+    if attention_mask is None and not packed and kv_len == seen and (past_len == 0 or q_len == 1):
+        # SDPA's is_causal aligns the triangle top-left, which is only right with no past keys;
+        # several new tokens after a cache (chunked prefill) need the explicit offset mask below.
         return None
-    kv_len = past_len + q_len
-    q_pos = torch.arange(past_len, kv_len, device=device)
+    q_pos = torch.arange(past_len, seen, device=device)
     mask = q_pos[:, None] >= torch.arange(kv_len, device=device)[None, :]  # causal [T, S]
     mask = mask[None, None]
     if packed:
         doc = (position_ids == 0).cumsum(-1)  # [B, T]: document index of every token
         mask = mask & (doc[:, None, :, None] == doc[:, None, None, :])
     if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, -kv_len:].bool()
+        keys = attention_mask[:, -seen:].bool()
+        if kv_len > seen:
+            keys = torch.nn.functional.pad(keys, (0, kv_len - seen))
+        mask = mask & keys[:, None, None, :]
     return mask | ~mask.any(-1, keepdim=True)
 
 

@@ -75,11 +75,15 @@ class MiniMindModel(MiniMindPreTrainedModel):
             use_cache = False  # recomputation would append to the cache twice
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         T = inputs_embeds.shape[1]
+        past_len, kv_len = 0, T
+        if use_cache and past_key_values is not None:
+            # A StaticCache reports a 0-d tensor and hands back all its slots (kv_len > past + T).
+            past_len = int(past_key_values.get_seq_length())
+            kv_len = past_key_values.get_mask_sizes(T, 0)[0]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=inputs_embeds.device)[None]
-        mask = build_attention_mask(attention_mask, position_ids, T, past_len, inputs_embeds)
+        mask = build_attention_mask(attention_mask, position_ids, T, past_len, inputs_embeds, kv_len)
         cos_sin = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden = self.dropout(inputs_embeds)
