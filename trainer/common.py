@@ -244,17 +244,17 @@ def creating_command(stage: str, out_dir: Path) -> str:
     return cmd if str(out_dir) == "training" else f"{cmd} --out_dir {out_dir}"
 
 
-def resolve_stage_or_path(value: str, out_dir: Path) -> Path:
-    """`--init_from` value -> a model/tokenizer dir: a stage name, a stage dir, or a model dir."""
+def resolve_stage_or_path(value: str, out_dir: Path, flag: str = "--init_from") -> Path:
+    """`--init_from` (or another `flag`) value -> a model/tokenizer dir: a stage name, a stage dir, or a model dir."""
     if value in STAGES:
         found = stage_output(out_dir, value)
         if found is None:
-            raise StageError(f"--init_from {value}: no {value} checkpoint under {out_dir / value}. "
+            raise StageError(f"{flag} {value}: no {value} checkpoint under {out_dir / value}. "
                              f"Create it with: {creating_command(value, out_dir)}")
         return found
     path = Path(value)
     if not path.exists():
-        raise StageError(f"--init_from {value}: neither a stage name ({', '.join(STAGES)}) nor an existing path")
+        raise StageError(f"{flag} {value}: neither a stage name ({', '.join(STAGES)}) nor an existing path")
     return latest_checkpoint(path) or path
 
 
@@ -351,7 +351,7 @@ def trainer_kwargs(args: StageArgs, run: StageRun, has_eval: bool, **overrides: 
         bf16=run.precision.bf16,
         fp16=run.precision.fp16,
         use_cpu=run.precision.device == "cpu",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # (trl defaults its old alias gradient_checkpointing to True)
         torch_compile=args.compile,
         dataloader_num_workers=0,
         include_num_input_tokens_seen=True,
