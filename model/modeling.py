@@ -114,8 +114,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     Trainer passes so gradient accumulation weights every token equally). A batch with no label
     at all gives 0, not NaN.
     """
-    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    targets = labels[:, 1:].reshape(-1).to(logits.device)
+    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole [B, T, vocab] tensor.
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(logits.device)
     total = nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     if isinstance(count, torch.Tensor):
