@@ -1,0 +1,227 @@
+"""PPO's pieces against hand-computed values and exact references (GAE, clipping, KL estimators,
+entropy, whitening, running statistics, rollout masks), then a short CPU run of the PPO stage."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.ppo import (AdaptiveKLController, RunningMeanStd, completion_mask_until_eos, entropy_from_logits,
+                         explained_variance, gae, generate_completions, kl_k1, kl_k3, masked_mean, per_token_rewards,
+                         policy_loss, token_logprobs, token_values, value_loss, whiten)
+
+
+def test_gae_hand_computed():
+    # Row 0: three tokens, reward 1 at the end. gamma 0.9, lambda 0.8 (gamma * lambda = 0.72):
+    #   delta_2 = 1 - 0.7 = 0.3                 A_2 = 0.3
+    #   delta_1 = 0.9 * 0.7 - 0.6 = 0.03        A_1 = 0.03 + 0.72 * 0.3 = 0.246
+    #   delta_0 = 0.9 * 0.6 - 0.5 = 0.04        A_0 = 0.04 + 0.72 * 0.246 = 0.21712
+    # Row 1: two tokens then padding (whose reward and value must be ignored):
+    #   delta_1 = 2 - 1 = 1, A_1 = 1;  delta_0 = 0.9 * 1 - 1 = -0.1, A_0 = -0.1 + 0.72 = 0.62
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 1.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.21712, 0.246, 0.3], [0.62, 1.0, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.71712, 0.846, 1.0], [1.62, 2.0, 0.0]]))
+
+
+def test_gae_with_lambda_and_gamma_one_is_reward_to_go_minus_value():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.ones(3, 6)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    to_go = rewards.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(ret, to_go)
+    torch.testing.assert_close(adv, to_go - values)
+
+
+def test_per_token_rewards_put_the_score_on_the_last_real_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    r = per_token_rewards(torch.tensor([1.0, -1.0]), kl, mask, kl_coef=0.1)
+    torch.testing.assert_close(r, torch.tensor([[-0.01, -0.02, 1.0 - 0.03], [-0.05, -1.05, 0.0]]))
+
+
+def _grad_of_policy_loss(ratio: float, advantage: float, clip: float = 0.2):
+    old = torch.tensor([[0.0]])
+    logp = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    out = policy_loss(logp, old, torch.tensor([[advantage]]), torch.ones(1, 1), clip)
+    out.loss.backward()
+    return logp.grad.item(), out
+
+
+@pytest.mark.parametrize("ratio, advantage, clipped", [
+    (1.5, 1.0, True),     # already pushed up past 1 + eps for a good action: no more push
+    (0.5, -1.0, True),    # already pushed down past 1 - eps for a bad action
+    (1.1, 1.0, False),    # inside the range
+    (0.9, -1.0, False),
+    (0.5, 1.0, False),    # outside, but moving back towards the range is allowed (pessimistic min)
+    (1.5, -1.0, False),
+])
+def test_clipped_surrogate_gradient(ratio, advantage, clipped):
+    grad, out = _grad_of_policy_loss(ratio, advantage)
+    if clipped:
+        assert grad == 0.0 and out.clip_fraction == 1.0
+    else:
+        # d/dlogp of -A * exp(logp - old) = -A * ratio
+        assert grad == pytest.approx(-advantage * ratio) and out.clip_fraction == 0.0
+    assert out.approx_kl == pytest.approx((ratio - 1) - math.log(ratio))
+
+
+def test_policy_loss_averages_over_real_tokens_only():
+    logp = torch.zeros(1, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    out = policy_loss(logp, torch.zeros(1, 4), torch.tensor([[1.0, 3.0, 100.0, 100.0]]), mask)
+    assert out.loss.item() == pytest.approx(-2.0)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5, -1.5, 0.0, 0.0]]))
+
+
+def test_value_loss_clipping():
+    old, ret, mask = torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.ones(1, 1)
+
+    def run(v0: float):
+        v = torch.tensor([[v0]], requires_grad=True)
+        loss, frac = value_loss(v, old, ret, mask, clip=0.2)
+        loss.backward()
+        return loss.item(), frac, v.grad.item()
+
+    # Within +-0.2 of the old value: plain 0.5 * (V - G)^2, gradient V - G.
+    assert run(0.1) == pytest.approx((0.5 * 0.81, 0.0, -0.9))
+    # Moved away from the target: the unclipped error is the larger one, so it is kept (gradient flows).
+    assert run(-0.5) == pytest.approx((0.5 * 2.25, 0.0, -1.5))
+    # Moved 0.5 towards the target in one go: the clipped value 0.2 has the larger error (0.64 > 0.25),
+    # the max picks that constant branch and the gradient is zero.
+    assert run(0.5) == pytest.approx((0.5 * 0.64, 1.0, 0.0))
+
+
+def test_kl_estimators_against_exact_kl():
+    p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+    exact = (p * (p / q).log()).sum().item()
+    g = torch.Generator().manual_seed(0)
+    a = torch.multinomial(p, 400_000, replacement=True, generator=g)
+    logp, logq = p.log()[a], q.log()[a]
+    k1, k3 = kl_k1(logp, logq), kl_k3(logp, logq)
+    for k in (k1, k3):
+        stderr = k.std().item() / math.sqrt(len(k))
+        assert abs(k.mean().item() - exact) < 4 * stderr, (k.mean().item(), exact)
+    assert (k3 >= 0).all() and (k1 < 0).any()
+    assert k3.var() < k1.var()  # here, where p is close to q
+    # Exactly: sum_a p(a) k(a) equals KL for both.
+    support = torch.arange(5)
+    assert (p * kl_k1(p.log()[support], q.log()[support])).sum().item() == pytest.approx(exact, abs=1e-6)
+    assert (p * kl_k3(p.log()[support], q.log()[support])).sum().item() == pytest.approx(exact, abs=1e-6)
+
+
+def test_entropy_from_logits_matches_torch():
+    logits = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(1)) * 3
+    torch.testing.assert_close(entropy_from_logits(logits), torch.distributions.Categorical(logits=logits).entropy())
+
+
+def test_whiten_and_masked_mean_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 1000.0], [4.0, 5.0, -1000.0, -1000.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert masked_mean(x, mask).item() == pytest.approx(3.0)
+    w = whiten(x, mask)
+    real = w[mask.bool()]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert real.var().item() == pytest.approx(1.0, abs=1e-4)
+    assert (w[~mask.bool()] == 0).all()
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # empty mask: 0, not NaN
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.ones(1, 4)
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.5), returns, mask) == pytest.approx(0.0)
+
+
+def test_running_mean_std_matches_all_data():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=g) * 3 + 2 for n in (5, 17, 1, 40)]
+    rms = RunningMeanStd(eps=0.0)
+    for b in batches:
+        rms.update(b)
+    everything = torch.cat(batches).double()
+    assert rms.mean == pytest.approx(everything.mean().item())
+    assert rms.var == pytest.approx(everything.var(unbiased=False).item())
+    assert rms.count == len(everything)
+
+
+def test_adaptive_kl_controller():
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ctl.update(current_kl=2.0, n_steps=10)        # too much KL: error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ctl.update(current_kl=0.9, n_steps=10)        # a little too little: -0.1
+    assert ctl.value == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
+
+
+def test_completion_mask_until_eos():
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
+    mask, finished = completion_mask_until_eos(ids, eos_id=2)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert finished.tolist() == [True, True, False]
+
+
+def test_rollout_logprobs_and_values_ignore_left_padding(rl_models):
+    """Batched (left-padded prompts, right-padded completions) log-probs and values equal those
+    computed one unpadded sequence at a time."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rl_models["policy"])
+    lm = AutoModelForCausalLM.from_pretrained(rl_models["policy"]).eval()
+    critic = AutoModelForSequenceClassification.from_pretrained(rl_models["reward"]).eval()
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}],
+               [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Tom has 23 apples. Mia gives him 45 more. How many apples does Tom have?"}]]
+    torch.manual_seed(0)
+    r = generate_completions(lm, tok, prompts, max_new_tokens=6, temperature=1.0)
+    assert r.input_ids.shape[1] == r.prompt_length + r.completion_mask.shape[1]
+    with torch.no_grad():
+        logp, _ = token_logprobs(lm, r)
+        values = token_values(critic, r)
+        for i in range(2):
+            ids = r.input_ids[i][r.attention_mask[i].bool()][None]
+            n = int(r.attention_mask[i, :r.prompt_length].sum())
+            c = int(r.completion_mask[i].sum())
+            ref = torch.log_softmax(lm(ids).logits[0, n - 1:-1], -1).gather(-1, ids[0, n:, None])[:, 0]
+            torch.testing.assert_close(logp[i, :c], ref, atol=1e-5, rtol=1e-5)
+            ref_v = critic.token_values(ids)[0, n - 1:-1]
+            torch.testing.assert_close(values[i, :c], ref_v, atol=1e-5, rtol=1e-5)
+
+
+def test_ppo_stage_runs_and_saves(rl_models, rl_events, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from trainer.train_6_ppo import main
+
+    out = tmp_path / "out"
+    ckpt = main(["--out_dir", str(out), "--init_from", str(rl_models["policy"]),
+                 "--reward_model", str(rl_models["reward"]), "--data", str(rl_models["rl_train"]),
+                 "--eval_data", str(rl_models["rl_eval"]), "--max_steps", "2", "--batch_size", "4",
+                 "--mini_batch_size", "2", "--max_completion_length", "8", "--max_eval_prompts", "4",
+                 "--rule_reward", "correctness", "--kl_target", "1.0"])
+    assert ckpt == out / "ppo" / "checkpoint-2"
+    assert isinstance(AutoModelForCausalLM.from_pretrained(ckpt), torch.nn.Module)
+    assert AutoModelForSequenceClassification.from_pretrained(ckpt / "critic").config.num_labels == 1
+    assert (ckpt / "ppo_state.pt").is_file() and (ckpt / "tokenizer.json").is_file()
+    scalars = rl_events(out / "ppo" / "runs")
+    for tag in ("train/reward_model_score", "train/kl", "train/kl_coef", "train/policy_loss", "train/value_loss",
+                "train/clip_fraction", "train/approx_kl", "train/entropy", "train/explained_variance",
+                "train/completion_length", "train/rule_reward", "eval/rm_score", "eval/accuracy"):
+        assert tag in scalars, tag
+    assert [s for s, _ in scalars["train/policy_loss"]] == [1, 2]
+    assert [s for s, _ in scalars["eval/rm_score"]] == [0, 2]
+
+    # --resume continues from checkpoint-2 to step 3.
+    main(["--out_dir", str(out), "--init_from", str(rl_models["policy"]), "--reward_model", str(rl_models["reward"]),
+          "--data", str(rl_models["rl_train"]), "--eval_data", str(rl_models["rl_eval"]), "--max_steps", "3",
+          "--batch_size", "4", "--mini_batch_size", "2", "--max_completion_length", "8", "--max_eval_prompts", "2",
+          "--resume"])
+    assert (out / "ppo" / "checkpoint-3" / "config.json").is_file()
