@@ -98,3 +98,46 @@ def rl_events():
         return scalars
 
     return read
+
+
+@pytest.fixture(scope="session")
+def stage_out_dir(tmp_path_factory) -> Path:
+    """An out_dir as the first two stages leave it, built in ~2 s without running them: a tiny
+    tokenizer (stage 0's builder, vocab 400) in ``<out>/tokenizer`` and an untrained ~0.3M-param
+    MiniMind saved as ``<out>/pretrain/checkpoint-1``; plus small demo files in ``<out>/small_data/``
+    (``{name}.jsonl``: 64 train / 16 eval records each) for fast stage runs. Treat it as read-only:
+    copy it (``stage_copy``) before running a stage into it."""
+    import torch
+
+    import model as mm
+    from dataset.demo import DemoSizes, tokenizer_corpus, write_demo_data
+    from trainer.train_0_tokenizer import build_tokenizer
+
+    out = tmp_path_factory.mktemp("stage_out")
+    sizes = DemoSizes(pretrain_train=300, pretrain_eval=16, sft_train=64, sft_eval=16, dpo_train=64, dpo_eval=16,
+                      rl_train=16, rl_eval=16)
+    write_demo_data(out / "small_data", sizes)
+    tokenizer = build_tokenizer(tokenizer_corpus(out / "small_data", sizes), vocab_size=400, min_frequency=2)
+    tokenizer.save_pretrained(out / "tokenizer")
+    torch.manual_seed(0)
+    config = mm.MiniMindConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                               bos_token_id=None)
+    lm = mm.MiniMindForCausalLM(config)
+    lm.generation_config.eos_token_id = tokenizer.eos_token_id
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    ckpt = out / "pretrain" / "checkpoint-1"
+    lm.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    return out
+
+
+@pytest.fixture
+def stage_copy(stage_out_dir, tmp_path) -> Path:
+    """A private, writable copy of ``stage_out_dir`` for one test."""
+    import shutil
+
+    dst = tmp_path / "out"
+    shutil.copytree(stage_out_dir, dst)
+    return dst

@@ -1,0 +1,66 @@
+"""Measure a checkpoint on one task and print ONE JSON line (easy to paste into a table or a log).
+
+    python scripts/evaluate.py --stage pretrain --task ppl
+    python scripts/evaluate.py --stage sft --task answer_acc --limit 200
+    python scripts/evaluate.py --stage dpo --task pref_acc          # reference: the parent stage (sft)
+    python scripts/evaluate.py --stage training/dpo/checkpoint-180 --task loglik_acc --data my_pairs.jsonl
+
+Tasks (trainer/evaluation.py, TASKS): ppl, answer_acc, pref_acc, loglik_acc, and what later stages add.
+Without --data a task reads the demo world's held-out file (generated into <out_dir>/demo_data/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.common import StageError, pick_precision, resolve_stage_or_path, run_main, setup_logging
+from trainer.evaluation import TASKS, EvalRequest, evaluate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", required=True, help="stage name (latest checkpoint under --out_dir) or a model dir")
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="what to measure")
+    p.add_argument("--data", default=None, help="held-out jsonl; default: the demo file the task reads")
+    p.add_argument("--limit", type=int, default=None, help="use at most N records")
+    p.add_argument("--out_dir", default="training", help="root of the stages' outputs")
+    p.add_argument("--ref", default=None, help="reference model for pref_acc (default: the stage's parent)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the implicit reward (pref_acc)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_new_tokens", type=int, default=48, help="reply length for generation tasks")
+    p.add_argument("--max_length", type=int, default=256, help="tokens per document (ppl)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--examples", action="store_true", help="include a few graded replies in the output")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    out_dir = Path(args.out_dir)
+    model_dir = resolve_stage_or_path(args.stage, out_dir, flag="--stage")
+    if args.data:
+        data = Path(args.data)
+        if not data.is_file():
+            raise StageError(f"--data {data}: no such file")
+    else:
+        from dataset.demo import write_demo_data
+        data = write_demo_data(out_dir / "demo_data")[TASKS[args.task].default_data]
+    req = EvalRequest(stage=args.stage, model_dir=model_dir, data=data, out_dir=out_dir, limit=args.limit,
+                      ref=args.ref, device=pick_precision(args.device).device, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, beta=args.beta)
+    result = evaluate(req, args.task)
+    if not args.examples:
+        result.pop("examples", None)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
