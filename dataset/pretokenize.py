@@ -96,7 +96,10 @@ def pretokenize(
     eos_id = _resolve_eos(tokenizer, eos_id)
     total = len(records_or_jsonl) if isinstance(records_or_jsonl, Sequence) else None
     bin_path = Path(f"{out_prefix}.bin")
-    tmp_bin = Path(f"{out_prefix}.bin.tmp")
+    # Temporary names are per process: under torchrun every rank may pretokenize the same corpus at
+    # once; each writes its own files, and the identical results replace one another atomically.
+    tmp = f"tmp{os.getpid()}"
+    tmp_bin = Path(f"{out_prefix}.bin.{tmp}")
     offsets = [0]
     with tmp_bin.open("wb") as f:
         docs = encode_documents(_texts(records_or_jsonl), tokenizer, eos_id, batch_size)
@@ -108,13 +111,14 @@ def pretokenize(
         tmp_bin.unlink()
         raise ValueError("no documents to pretokenize")
     idx_path = Path(f"{out_prefix}.idx.npy")
-    with open(f"{out_prefix}.idx.tmp.npy", "wb") as f:
+    with open(f"{out_prefix}.idx.{tmp}.npy", "wb") as f:
         np.save(f, np.asarray(offsets, dtype=np.int64))
-    os.replace(f"{out_prefix}.idx.tmp.npy", idx_path)
+    os.replace(f"{out_prefix}.idx.{tmp}.npy", idx_path)
     os.replace(tmp_bin, bin_path)
     meta = {"dtype": dtype.name, "n_tokens": offsets[-1], "n_docs": n_docs,
             "vocab_size": vocab_size, "eos_id": eos_id}
-    Path(f"{out_prefix}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    Path(f"{out_prefix}.meta.json.{tmp}").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(f"{out_prefix}.meta.json.{tmp}", f"{out_prefix}.meta.json")
     return out_prefix
 
 
