@@ -141,3 +141,93 @@ def stage_copy(stage_out_dir, tmp_path) -> Path:
     dst = tmp_path / "out"
     shutil.copytree(stage_out_dir, dst)
     return dst
+
+
+PLUMB_PRESET = "plumb-micro"
+
+
+class _plumb_threads:
+    """Run torch on one intra-op thread inside the block: ~0.1M-param steps are faster that way, and
+    on a shared 2-core machine two spinning OpenMP threads can make them 50x slower."""
+
+    def __enter__(self):
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.before)
+
+
+@pytest.fixture
+def plumb_single_thread():
+    """Use with ``pytestmark = pytest.mark.usefixtures("plumb_single_thread")``."""
+    with _plumb_threads():
+        yield
+
+
+@pytest.fixture(scope="session")
+def plumb_preset() -> str:
+    """A ~0.1M-param preset registered in ``model.PRESETS`` for in-process stage runs (fast steps)."""
+    import model as mm
+
+    mm.PRESETS.setdefault(PLUMB_PRESET, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=128))
+    return PLUMB_PRESET
+
+
+@pytest.fixture(scope="session")
+def plumb_corpus(tmp_path_factory) -> dict:
+    """Small jsonl files from the demo world: ``pretrain_train`` (300 docs), ``pretrain_eval`` (30),
+    ``chat`` (4 conversations), ``dpo`` and ``rl`` (2 records each): ``{name: Path}``."""
+    import json
+
+    from dataset.demo import dpo_pairs, pretrain_texts, rl_prompts, sft_conversations
+
+    root = tmp_path_factory.mktemp("plumb_corpus")
+    files = {"pretrain_train": [{"text": t} for t in pretrain_texts(300, "train")],
+             "pretrain_eval": [{"text": t} for t in pretrain_texts(30, "eval")],
+             "chat": sft_conversations(4, "train"), "dpo": dpo_pairs(2, "train"), "rl": rl_prompts(2, "train")}
+    paths = {}
+    for name, records in files.items():
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def plumb_tokenizer_out(tmp_path_factory, plumb_corpus) -> Path:
+    """An out_dir where stage 0 really ran (vocab 320, on ``plumb_corpus``): ``<out>/tokenizer``."""
+    from trainer import train_0_tokenizer
+
+    out = tmp_path_factory.mktemp("plumb_tok")
+    with _plumb_threads():
+        train_0_tokenizer.main(["--data", str(plumb_corpus["pretrain_train"]), "--eval_data",
+                                str(plumb_corpus["pretrain_eval"]), "--vocab_size", "320", "--out_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def plumb_pretrain_argv(plumb_corpus, plumb_tokenizer_out, plumb_preset):
+    """``argv(out_dir, *extra)``: stage 1 flags for an 8-step CPU run on ``plumb_corpus`` with the
+    micro preset (eval and save every 4 steps); ``extra`` flags come last and win."""
+    def argv(out_dir: Path, *extra: str) -> list[str]:
+        return ["--data", str(plumb_corpus["pretrain_train"]), "--eval_data", str(plumb_corpus["pretrain_eval"]),
+                "--init_from", str(plumb_tokenizer_out / "tokenizer"), "--out_dir", str(out_dir),
+                "--preset", plumb_preset, "--max_length", "32", "--batch_size", "4", "--max_steps", "8",
+                "--logging_steps", "1", "--eval_steps", "4", "--save_steps", "4", "--max_eval_blocks", "4",
+                "--sample_prompts", "Tom has", "--dtype", "fp32", "--device", "cpu", *extra]
+    return argv
+
+
+@pytest.fixture(scope="session")
+def plumb_pretrain(tmp_path_factory, plumb_pretrain_argv):
+    """One uninterrupted 8-step pretraining run: ``(out_dir, trainer)``; checkpoints at steps 4 and 8."""
+    from trainer import train_1_pretrain
+
+    out = tmp_path_factory.mktemp("plumb_pretrain")
+    with _plumb_threads():
+        return out, train_1_pretrain.main(plumb_pretrain_argv(out))

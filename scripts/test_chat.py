@@ -1,0 +1,192 @@
+"""Talk to the latest checkpoint of any stage, watching the reply appear token by token.
+
+    python scripts/test_chat.py --stage pretrain                       # plain continuation of your text
+    python scripts/test_chat.py --stage sft                            # chat, history kept; /reset clears it
+    python scripts/test_chat.py --stage dpo --temperature 0.7 --top_p 0.9
+    python scripts/test_chat.py --stage sft --prompt "What is 23 + 45?" --prompt "And minus 5?"
+    python scripts/test_chat.py --stage training/sft/checkpoint-500 --system "You are a careful math tutor."
+
+A pretrained model only knows how to continue text, so `--stage pretrain` feeds your words as they
+are. Chat stages (sft, dpo, grpo, ppo...) were trained on the chat template, so every turn is
+rendered with it (`<|im_start|>user ... <|im_end|>` then `<|im_start|>assistant`), the whole
+conversation so far included: that is how the model "remembers" earlier turns.
+`--temperature 0` decodes greedily (always the most likely token); above 0 it samples, after
+`--top_k` / `--top_p` cut the unlikely tail and `--repetition_penalty` damps tokens already seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from threading import Thread
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+import model as _registers_minimind  # noqa: F401  (Auto classes learn model_type "minimind")
+from trainer.common import (STAGES, StageError, creating_command, pick_precision, resolve_stage_or_path, run_main,
+                            setup_logging, stage_output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", default="sft", help="stage name (its latest checkpoint under --out_dir) or a model dir")
+    p.add_argument("--out_dir", default="training", help="root of the stages' outputs")
+    p.add_argument("--mode", default="auto", choices=("auto", "chat", "plain"),
+                   help="plain = continue the text; chat = chat template with history (auto: plain for pretrain)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="say this and exit instead of reading stdin; repeat for a multi-turn conversation")
+    p.add_argument("--system", default=None, help="system message put before the conversation (chat mode)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy decoding")
+    p.add_argument("--top_p", type=float, default=0.9, help="sample from the smallest set of tokens holding this mass")
+    p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens only (0 = off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 makes already-seen tokens less likely")
+    p.add_argument("--seed", type=int, default=None, help="seed the sampler (reproducible replies)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return p
+
+
+def resolve_model_dir(stage: str, out_dir: Path) -> Path:
+    """`--stage` -> a model dir; a missing stage names the command that creates it."""
+    if stage == "tokenizer":
+        raise StageError("--stage tokenizer: the tokenizer stage has no model; chat with pretrain or a later stage")
+    if stage in STAGES and stage_output(out_dir, stage) is None:
+        raise StageError(f"--stage {stage}: no checkpoint under {out_dir / stage}. "
+                         f"Create it with: {creating_command(stage, out_dir)}")
+    path = resolve_stage_or_path(stage, out_dir, flag="--stage")
+    if not (path / "config.json").is_file():
+        raise StageError(f"--stage {stage}: {path} is not a model dir (no config.json)")
+    return path
+
+
+def load(model_dir: Path, device: str = "auto"):
+    precision = pick_precision(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=precision.dtype).to(precision.device).eval()
+    return model, tokenizer
+
+
+def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
+    kwargs = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if args.temperature > 0:
+        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def stream_reply(model, tokenizer, input_ids: torch.Tensor, gen_kwargs: dict,
+                 write: Callable[[str], None]) -> str:
+    """Generate in a thread and hand each decoded piece to `write` as soon as it exists.
+
+    Returns the reply decoded from the generated ids in one go: the pieces joined equal it.
+    """
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict[str, torch.Tensor] = {}
+
+    def work() -> None:
+        with torch.no_grad():
+            result["ids"] = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                           streamer=streamer, **gen_kwargs)
+
+    thread = Thread(target=work)
+    thread.start()
+    for piece in streamer:
+        write(piece)
+    thread.join()
+    if "ids" not in result:
+        raise RuntimeError("generation failed (see the error above)")
+    return tokenizer.decode(result["ids"][0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+class Chat:
+    """A conversation: the history of messages (chat mode) and how one turn becomes model input."""
+
+    def __init__(self, model, tokenizer, chat: bool, system: str | None, gen_kwargs: dict):
+        self.model, self.tokenizer, self.chat, self.system = model, tokenizer, chat, system
+        self.gen_kwargs = gen_kwargs
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def input_ids(self, text: str) -> torch.Tensor:
+        if self.chat:
+            self.messages.append({"role": "user", "content": text})
+            ids = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
+                                                     return_dict=True, return_tensors="pt")["input_ids"]
+        else:
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return ids.to(self.model.device)
+
+    def turn(self, text: str, write: Callable[[str], None]) -> str:
+        reply = stream_reply(self.model, self.tokenizer, self.input_ids(text), self.gen_kwargs, write)
+        if self.chat:
+            self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def _write(piece: str) -> None:
+    print(piece, end="", flush=True)
+
+
+def converse(chat: Chat, prompts: Iterable[str], interactive: bool) -> list[tuple[str, str]]:
+    """Run the turns; `/reset` clears the history, `exit` (or end of input) stops."""
+    turns = []
+    who = "assistant" if chat.chat else "model"
+    for text in prompts:
+        text = text.strip()
+        if text in ("exit", "quit"):
+            break
+        if not text:
+            continue
+        if text == "/reset":
+            chat.reset()
+            print("(history cleared)", flush=True)
+            continue
+        if not interactive:
+            print(f"user: {text}", flush=True)
+        print(f"{who}: " + ("" if chat.chat else text), end="", flush=True)
+        reply = chat.turn(text, _write)
+        print(flush=True)
+        turns.append((text, reply))
+    return turns
+
+
+def _stdin_lines() -> Iterable[str]:
+    while True:
+        try:
+            yield input("you: " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    out_dir = Path(args.out_dir)
+    model_dir = resolve_model_dir(args.stage, out_dir)
+    plain = args.mode == "plain" or (args.mode == "auto" and (
+        args.stage == "pretrain" or model_dir.parent.name == "pretrain"))
+    model, tokenizer = load(model_dir, args.device)
+    if not plain and not tokenizer.chat_template:
+        raise StageError(f"{model_dir}: the tokenizer has no chat template; use --mode plain")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    chat = Chat(model, tokenizer, chat=not plain, system=args.system, gen_kwargs=generation_kwargs(args, tokenizer))
+    mode = "plain continuation" if plain else "chat"
+    print(f"[{model_dir}: {mode}; " + ("" if args.prompt else "/reset clears the history, exit or Ctrl-D quits; ")
+          + f"temperature {args.temperature}]", flush=True)
+    if args.prompt:
+        return converse(chat, args.prompt, interactive=False)
+    return converse(chat, _stdin_lines(), interactive=True)
+
+
+if __name__ == "__main__":
+    run_main(main)

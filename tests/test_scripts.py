@@ -1,0 +1,142 @@
+"""scripts/test_chat.py, scripts/inspect_data.py and scripts/bench_data.py, run in-process on tiny artifacts."""
+
+import importlib.util
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from trainer.common import REPO_ROOT, StageError
+
+pytestmark = pytest.mark.usefixtures("plumb_single_thread")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"plumb_scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+test_chat = _script("test_chat")
+inspect_data = _script("inspect_data")
+bench_data = _script("bench_data")
+
+
+@pytest.fixture
+def plumb_chat_out(plumb_pretrain, tmp_path):
+    """An out_dir with a pretrain checkpoint and the same weights posing as an sft checkpoint (the
+    tokenizer saved with it carries the chat template)."""
+    out, _ = plumb_pretrain
+    shutil.copytree(out / "pretrain" / "checkpoint-8", tmp_path / "pretrain" / "checkpoint-8")
+    shutil.copytree(out / "pretrain" / "checkpoint-8", tmp_path / "sft" / "checkpoint-3")
+    return tmp_path
+
+
+def test_chat_pretrain_prompt_continues_text(plumb_chat_out, capsys):
+    turns = test_chat.main(["--stage", "pretrain", "--out_dir", str(plumb_chat_out), "--prompt", "Tom has a",
+                            "--max_new_tokens", "6", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert len(turns) == 1 and turns[0][0] == "Tom has a"
+    assert "plain continuation" in out and f"model: Tom has a{turns[0][1]}\n" in out
+
+
+def test_chat_multi_turn_keeps_history(plumb_chat_out, capsys):
+    turns = test_chat.main(["--stage", "sft", "--out_dir", str(plumb_chat_out), "--prompt", "What is 2 + 3?",
+                            "--prompt", "And 4 + 4?", "--max_new_tokens", "5", "--seed", "0", "--system", "Be brief."])
+    out = capsys.readouterr().out
+    assert [t[0] for t in turns] == ["What is 2 + 3?", "And 4 + 4?"]
+    assert "sft/checkpoint-3: chat" in out and out.count("assistant: ") == 2
+    for _, reply in turns:
+        assert f"assistant: {reply}\n" in out
+
+    model, tok = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
+    chat = test_chat.Chat(model, tok, chat=True, system="Be brief.", gen_kwargs={"max_new_tokens": 3, "do_sample": False})
+    first = chat.turn("What is 2 + 3?", lambda s: None)
+    ids = chat.input_ids("And 4 + 4?")[0].tolist()
+    expected = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+         {"role": "assistant", "content": first}, {"role": "user", "content": "And 4 + 4?"}],
+        add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids == expected  # the second turn sees the whole conversation
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_chat_streamed_text_equals_final_text(plumb_chat_out, sample):
+    model, tok = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
+    args = test_chat.build_parser().parse_args(["--temperature", "1.0" if sample else "0", "--max_new_tokens", "24"])
+    gen = {**test_chat.generation_kwargs(args, tok), "min_new_tokens": 24}  # no early stop: a long reply
+    chat = test_chat.Chat(model, tok, chat=True, system=None, gen_kwargs=gen)
+    torch.manual_seed(0)
+    pieces: list[str] = []
+    reply = chat.turn("Tell me a story.", pieces.append)
+    assert reply and len(pieces) >= 1
+    assert "".join(pieces) == reply
+
+
+def test_chat_missing_stage_names_the_command(tmp_path):
+    with pytest.raises(StageError, match=r"--stage dpo: no checkpoint .* python trainer/train_3_dpo.py"):
+        test_chat.main(["--stage", "dpo", "--out_dir", str(tmp_path), "--prompt", "hi"])
+    with pytest.raises(StageError, match="neither a stage name"):
+        test_chat.main(["--stage", str(tmp_path / "nowhere"), "--prompt", "hi"])
+
+
+def test_inspect_sft_labels_only_assistant_tokens(plumb_tokenizer_out, plumb_corpus, capsys):
+    inspect_data.main(["--stage", "sft", "--data", str(plumb_corpus["chat"]), "--out_dir", str(plumb_tokenizer_out),
+                       "-n", "2", "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    records = [json.loads(line) for line in plumb_corpus["chat"].read_text().splitlines()]
+    for line, record in zip(lines, records):
+        rows = json.loads(line)["tokens"]
+        trained = "".join(r["text"] for r in rows if r["label"] != -100)
+        untrained = "".join(r["text"] for r in rows if r["label"] == -100)
+        msgs = record["conversations"]
+        assert trained == "".join(m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant")
+        for m in msgs:
+            if m["role"] != "assistant":
+                assert m["content"] in untrained  # user/system text: -100
+        assert all(r["label"] in (-100, r["id"]) for r in rows)  # a label is the token's own id or -100
+        assert any(r["label"] == r["id"] for r in rows)
+
+
+def test_inspect_pretrain_shows_the_shift(plumb_tokenizer_out, plumb_corpus, capsys):
+    samples = inspect_data.main(["--stage", "pretrain", "--data", str(plumb_corpus["pretrain_train"]),
+                                 "--out_dir", str(plumb_tokenizer_out), "-n", "2", "--max_length", "16"])
+    table = capsys.readouterr().out
+    assert len(samples) == 2 and all(len(s["tokens"]) == 16 for s in samples)
+    for s in samples:
+        rows = s["tokens"]
+        assert [r["label"] for r in rows[:-1]] == [r["id"] for r in rows[1:]]  # label of t = token t+1
+        assert rows[-1]["label"] == -100
+    assert "target (t+1)" in table and "(block ends)" in table
+
+
+def test_inspect_dpo_and_rl(plumb_tokenizer_out, plumb_corpus, capsys):
+    [dpo] = inspect_data.main(["--stage", "dpo", "--data", str(plumb_corpus["dpo"]), "--out_dir",
+                               str(plumb_tokenizer_out)])
+    parts = [r["part"] for r in dpo["tokens"]]
+    assert parts[0] == "prompt" and {"chosen", "rejected"} <= set(parts)
+    record = json.loads(plumb_corpus["dpo"].read_text().splitlines()[0])
+    chosen = "".join(r["text"] for r in dpo["tokens"] if r["part"] == "chosen")
+    assert chosen.startswith(record["chosen"][-1]["content"] + "<|im_end|>")
+    assert all(r["label"] == -100 for r in dpo["tokens"] if r["part"] == "prompt")
+    [rl] = inspect_data.main(["--stage", "rl", "--data", str(plumb_corpus["rl"]), "--out_dir",
+                              str(plumb_tokenizer_out)])
+    assert rl["gt"] and "".join(r["text"] for r in rl["tokens"]).endswith("<|im_start|>assistant\n")
+    assert "gt: [" in capsys.readouterr().out
+
+
+def test_bench_data_reports_ratios(plumb_tokenizer_out, plumb_corpus, capsys):
+    figures = bench_data.main(["--data", str(plumb_corpus["pretrain_train"]), "--out_dir", str(plumb_tokenizer_out),
+                               "--max_texts", "100", "--batch_size", "2", "--max_length", "16",
+                               "--loader_batches", "5", "--step_tokens_per_s", "1000", "--json"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["loader_over_training"] == figures["loader_over_training"] > 0
+    assert figures["tokenizer_tokens_per_s"] > 0 and figures["loader_batches"] == 5
+    assert figures["loader_over_training"] == pytest.approx(figures["loader_tokens_per_s"] / 1000)

@@ -1,0 +1,59 @@
+"""Shared stage plumbing (trainer/common.py): --config YAML, errors that name the fix, stage discovery."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.common import REPO_ROOT, StageError, latest_checkpoint, parse_args, resolve_init, resolve_stage_or_path
+from trainer.train_1_pretrain import PretrainArgs
+
+pytestmark = pytest.mark.usefixtures("plumb_single_thread")
+
+
+def test_config_yaml_sets_flags_and_cli_wins(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 0.5\nbatch_size: 3\nresume: true\nsample_prompts: 'a|b'\n")
+    args = parse_args(PretrainArgs, ["--config", str(cfg), "--lr", "0.1", "--no-resume"])
+    assert args.batch_size == 3 and args.sample_prompts == "a|b"  # from the file
+    assert args.lr == 0.1 and args.resume is False  # the command line wins
+    assert parse_args(PretrainArgs, ["--config", str(cfg)]).resume is True
+    assert parse_args(PretrainArgs, []).lr == 2e-3  # the stage's own default when there is no file
+
+
+def test_config_yaml_unknown_key_is_an_error(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lr: 0.5\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(PretrainArgs, ["--config", str(cfg)])
+    assert e.value.code == 2
+    assert "unknown flag(s) learning_rate" in capsys.readouterr().err
+
+
+def test_missing_parent_names_the_command(tmp_path):
+    args = parse_args(PretrainArgs, ["--out_dir", str(tmp_path)])
+    with pytest.raises(StageError, match=r"Create it with: python trainer/train_0_tokenizer.py --out_dir"):
+        resolve_init("pretrain", args)
+    with pytest.raises(StageError, match=r"--stage sft: no sft checkpoint .* python trainer/train_2_sft.py"):
+        resolve_stage_or_path("sft", tmp_path, flag="--stage")
+
+
+def test_missing_parent_exits_2_with_one_line(tmp_path):
+    """The script itself: exit code 2 and one readable line, no traceback."""
+    proc = subprocess.run([sys.executable, "trainer/train_1_pretrain.py", "--out_dir", str(tmp_path / "empty")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "python trainer/train_0_tokenizer.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_latest_checkpoint_skips_incomplete_saves(tmp_path):
+    for step, complete in ((5, True), (20, True), (100, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-final").mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"  # numeric order, cut-off save ignored
+    assert resolve_stage_or_path(str(tmp_path), Path("unused")) == tmp_path / "checkpoint-20"
