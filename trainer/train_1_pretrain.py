@@ -96,7 +96,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
 
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(**trainer_kwargs(args, run, has_eval=True)),
+        # Only MoE leaves parameters unused in a step (experts no token chose); searching for them
+        # costs DDP an extra pass, so dense models skip it.
+        args=TrainingArguments(**trainer_kwargs(args, run, has_eval=True, ddp_find_unused_parameters=config.is_moe)),
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=default_data_collator,
