@@ -4,8 +4,11 @@
     python scripts/evaluate.py --stage sft --task answer_acc --limit 200
     python scripts/evaluate.py --stage dpo --task pref_acc          # reference: the parent stage (sft)
     python scripts/evaluate.py --stage training/dpo/checkpoint-180 --task loglik_acc --data my_pairs.jsonl
+    python scripts/evaluate.py --stage grpo --task math_acc                # greedy accuracy on RL prompts
+    python scripts/evaluate.py --stage reward --task rm_acc                # reward model on held-out pairs
+    python scripts/evaluate.py --stage ppo --task rm_score --reward_model reward
 
-Tasks (trainer/evaluation.py, TASKS): ppl, answer_acc, pref_acc, loglik_acc, and what later stages add.
+Tasks (trainer/evaluation.py, TASKS): ppl, answer_acc, pref_acc, loglik_acc; math_acc, rm_acc, rm_score (RL).
 Without --data a task reads the demo world's held-out file (generated into <out_dir>/demo_data/).
 """
 
@@ -32,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dir", default="training", help="root of the stages' outputs")
     p.add_argument("--ref", default=None, help="reference model for pref_acc (default: the stage's parent)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the implicit reward (pref_acc)")
+    p.add_argument("--reward_model", default=None, help="rm_score: reward model stage or dir (default: reward)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=48, help="reply length for generation tasks")
     p.add_argument("--max_length", type=int, default=256, help="tokens per document (ppl)")
@@ -54,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         data = write_demo_data(out_dir / "demo_data")[TASKS[args.task].default_data]
     req = EvalRequest(stage=args.stage, model_dir=model_dir, data=data, out_dir=out_dir, limit=args.limit,
                       ref=args.ref, device=pick_precision(args.device).device, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, beta=args.beta)
+                      max_new_tokens=args.max_new_tokens, max_length=args.max_length, beta=args.beta,
+                      reward_model=args.reward_model)
     result = evaluate(req, args.task)
     if not args.examples:
         result.pop("examples", None)

@@ -84,3 +84,33 @@ def test_reward_stage_trains_and_reports_accuracy(rl_models, rl_events, tmp_path
     ours = dict(scalars["eval/pairwise_accuracy"])[2]
     trls = dict(scalars["eval/accuracy"])[2]
     assert ours == pytest.approx(trls)
+
+
+def test_rl_evaluation_tasks(rl_models, tmp_path, capsys):
+    """scripts/evaluate.py's RL tasks: math_acc (a policy on RL prompts), rm_acc (the reward model
+    on pairs, the same count as reward_model_accuracy), rm_score (a policy's greedy answers scored
+    by --reward_model)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).parents[1] / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--out_dir", str(tmp_path), "--limit", "4", "--max_new_tokens", "6"]
+
+    got = script.main(["--stage", str(rl_models["policy"]), "--task", "math_acc", "--data", str(rl_models["rl_eval"]), *common])
+    assert got["n"] == 4 and got["math_acc"] == 0.0  # an untrained model
+    got = script.main(["--stage", str(rl_models["reward"]), "--task", "rm_acc", "--data", str(rl_models["dpo_eval"]), *common])
+    from dataset.jsonl import load_records
+
+    rm = AutoModelForSequenceClassification.from_pretrained(rl_models["reward"])
+    pairs = load_records(rl_models["dpo_eval"], "dpo", limit=4)
+    assert got["rm_acc"] == pytest.approx(reward_model_accuracy(rm, AutoTokenizer.from_pretrained(rl_models["reward"]), pairs))
+    got = script.main(["--stage", str(rl_models["policy"]), "--task", "rm_score", "--data", str(rl_models["rl_eval"]),
+                       "--reward_model", str(rl_models["reward"]), *common])
+    assert got["n"] == 4 and isinstance(got["rm_score"], float)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["task"] for line in lines] == ["math_acc", "rm_acc", "rm_score"]

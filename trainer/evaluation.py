@@ -225,6 +225,7 @@ class EvalRequest:
     max_new_tokens: int = 48
     max_length: int = 256
     beta: float = 0.1
+    reward_model: str | None = None  # rm_score: a stage name or model dir (default: the reward stage)
 
 
 @dataclass(frozen=True)
@@ -323,3 +324,57 @@ def evaluate(req: EvalRequest, task: str) -> dict[str, Any]:
         raise StageError(f"--task {task}: unknown task; choose one of {', '.join(TASKS)}")
     metrics = TASKS[task].run(req)
     return {"stage": req.stage, "task": task, "n": metrics.pop("n"), **metrics}
+
+
+# ----------------------------------------------------------------------------- RL tasks (stages 4-6)
+
+def load_reward_model(path: str | Path, device: str = "cpu"):
+    """A num_labels=1 sequence classifier (stage 5's reward model) and its tokenizer, in eval mode."""
+    import model as _registers_minimind  # noqa: F401  (Auto-class registration)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return (AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).to(device).eval(),
+            AutoTokenizer.from_pretrained(path))
+
+
+@register_task("math_acc", "rl_eval", "greedy answers to RL prompts graded against `gt` by trainer.answers.is_correct")
+def task_math_acc(req: EvalRequest) -> dict[str, Any]:
+    prompts, golds = answer_items(req.data, req.limit)
+    lm, tok = load_model(req.model_dir, req.device)
+    m = answer_accuracy(lm, tok, prompts, golds, req.max_new_tokens, max(req.batch_size, 32))
+    return {"n": m["n"], "math_acc": m["accuracy"], "answered": m["answered"], "examples": m["examples"]}
+
+
+@register_task("rm_acc", "dpo_eval", "reward model (--stage reward): share of pairs with r(chosen) > r(rejected)")
+def task_rm_acc(req: EvalRequest) -> dict[str, Any]:
+    from dataset.jsonl import load_records
+    from trainer.ppo import pairwise_accuracy, score_with_reward_model
+
+    pairs = load_records(req.data, "dpo", limit=req.limit)
+    rm, tok = load_reward_model(req.model_dir, req.device)
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score_with_reward_model(rm, tok, prompts, [p["chosen"][-1]["content"] for p in pairs], req.batch_size)
+    rejected = score_with_reward_model(rm, tok, prompts, [p["rejected"][-1]["content"] for p in pairs], req.batch_size)
+    return {"n": len(pairs), "rm_acc": pairwise_accuracy(chosen, rejected),
+            "margin": (chosen - rejected).mean().item(), "score_chosen": chosen.mean().item(),
+            "score_rejected": rejected.mean().item()}
+
+
+@register_task("rm_score", "rl_eval", "mean reward-model score (--reward_model, default: the reward stage) "
+                                      "of the model's greedy answers")
+def task_rm_score(req: EvalRequest) -> dict[str, Any]:
+    from dataset.jsonl import load_records
+    from trainer.ppo import score_with_reward_model
+
+    kind = read_kind(req.data)
+    records = load_records(req.data, kind if kind != "chat" else "chat", limit=req.limit)
+    prompts = [r["prompt"] if kind != "chat" else r["messages"][:-1] for r in records]
+    lm, tok = load_model(req.model_dir, req.device)
+    replies = generate_replies(lm, tok, prompts, req.max_new_tokens, max(req.batch_size, 32))
+    rm_path = resolve_stage_or_path(req.reward_model or "reward", req.out_dir, flag="--reward_model")
+    rm, rm_tok = load_reward_model(rm_path, req.device)
+    scores = score_with_reward_model(rm, rm_tok, prompts, replies, req.batch_size)
+    return {"n": len(prompts), "rm_score": scores.mean().item(), "rm_score_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "reward_model": str(rm_path),
+            "examples": [{"prompt": p[-1]["content"], "reply": r, "score": s}
+                         for p, r, s in list(zip(prompts, replies, scores.tolist()))[:3]]}

@@ -134,7 +134,7 @@ def average_gradients(*models: torch.nn.Module) -> None:
 def reward_model_path(args: PPOArgs) -> Path:
     out_dir = Path(args.out_dir)
     if args.reward_model:
-        return resolve_stage_or_path(args.reward_model, out_dir)
+        return resolve_stage_or_path(args.reward_model, out_dir, flag="--reward_model")
     path = stage_output(out_dir, "reward")
     if path is None:
         raise StageError(f"PPO needs a reward model, and {out_dir / 'reward'} has no checkpoint yet. "
@@ -146,7 +146,7 @@ def load_models(args: PPOArgs, init: Path, rm_path: Path, device: str):
     actor = AutoModelForCausalLM.from_pretrained(init).to(device)
     reference = AutoModelForCausalLM.from_pretrained(init).to(device).requires_grad_(False)
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1).to(device).requires_grad_(False)
-    critic_path = resolve_stage_or_path(args.critic_from, Path(args.out_dir)) if args.critic_from else rm_path
+    critic_path = resolve_stage_or_path(args.critic_from, Path(args.out_dir), flag="--critic_from") if args.critic_from else rm_path
     critic = AutoModelForSequenceClassification.from_pretrained(critic_path, num_labels=1).to(device)
     for name, m in (("reward model", reward_model), ("critic", critic)):
         if m.config.vocab_size != actor.config.vocab_size:
