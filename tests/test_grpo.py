@@ -39,12 +39,20 @@ def test_loss_types_are_trls():
 
 
 def test_grpo_stage_runs_and_logs(rl_models, rl_events, tmp_path):
+    """Also from a dense checkpoint whose config carries `output_router_logits` (trl's SFT writes it),
+    which makes trl's GRPO ask a dense model for a load-balancing loss unless the stage turns it off."""
+    import json
+    import shutil
+
     from transformers import AutoModelForCausalLM
 
     from trainer.train_4_grpo import main
 
+    policy = shutil.copytree(rl_models["policy"], tmp_path / "sft")
+    config = json.loads((policy / "config.json").read_text())
+    (policy / "config.json").write_text(json.dumps({**config, "output_router_logits": False}))
     out = tmp_path / "out"
-    trainer = main(["--out_dir", str(out), "--init_from", str(rl_models["policy"]),
+    trainer = main(["--out_dir", str(out), "--init_from", str(policy),
                     "--data", str(rl_models["rl_train"]), "--eval_data", str(rl_models["rl_eval"]),
                     "--max_steps", "2", "--batch_size", "4", "--num_generations", "2", "--max_completion_length", "8",
                     "--max_eval_prompts", "4", "--logging_steps", "1", "--reward", "correctness",
