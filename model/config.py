@@ -99,8 +99,8 @@ class MiniMindConfig(PreTrainedConfig):
             fail("YaRN needs rope_parameters['factor'] (context extension ratio, e.g. 4.0)")
 
 
-# Named sizes. `tiny` is the CPU demo; `small` and `base` are MiniMind's dense sizes; `moe` is
-# MiniMind's MoE variant (4 experts, 1 routed per token... here 2 of 4 for a smoother router).
+# Named sizes. `tiny` is the CPU demo; `small` and `base` are MiniMind's dense sizes; `moe` is the
+# small model with 4 experts per layer, 2 routed per token (`tiny-moe` the same at demo scale).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=704, max_position_embeddings=2048),
