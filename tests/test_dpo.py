@@ -19,6 +19,8 @@ def test_dpo_stage_run_checkpoint_rewards_in_tensorboard_and_metric_agrees_with_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = stage_copy / "small_data"
+    config = stage_copy / "pretrain" / "checkpoint-1" / "config.json"  # as trl's SFTTrainer saves it: a key that
+    config.write_text(config.read_text().replace("{", '{"output_router_logits": false,', 1))  # trl reads as "MoE"
     trainer = main(["--out_dir", str(stage_copy), "--init_from", "pretrain", "--data", str(data / "dpo_train.jsonl"),
                     "--eval_data", str(data / "dpo_eval.jsonl"), "--max_steps", "3", "--batch_size", "4",
                     "--eval_steps", "3", "--logging_steps", "1", "--lr", "1e-3", "--sft_weight", "0.2"])

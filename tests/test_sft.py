@@ -130,8 +130,8 @@ def test_sft_stage_writes_a_loadable_checkpoint_and_tensorboard_events(stage_cop
         acc = EventAccumulator(str(r.parent))
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
-    assert {"train/loss", "eval/loss", "eval/perplexity"} <= tags
-    assert any("answer_accuracy" in h for h in trainer.state.log_history)
+    assert {"train/loss", "eval/loss", "eval/perplexity", "eval/answer_accuracy"} <= tags
+    assert any("eval_answer_accuracy" in h for h in trainer.state.log_history)
 
 
 def test_lora_saves_an_adapter_and_a_merged_model_with_the_same_logits(stage_copy):

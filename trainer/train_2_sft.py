@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
         acc = answer_accuracy(trained.to(trainer.args.device), tokenizer, prompts_, golds, args.max_new_tokens)
         logger.info(f"held-out answer accuracy (greedy, {acc['n']} conversations): {acc['accuracy']:.1%} "
                     f"({acc['answered']:.0%} state an answer)")
-        trainer.state.log_history.append({"step": trainer.state.global_step, "answer_accuracy": acc["accuracy"]})
+        trainer.log({"eval_answer_accuracy": acc["accuracy"]})  # -> log_history and TensorBoard eval/answer_accuracy
     logger.info(f"saved {latest_checkpoint(run.dir)}")
     logger.info("next: python trainer/train_3_dpo.py  (or chat: python scripts/test_chat.py --stage sft)")
     return trainer
