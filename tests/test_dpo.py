@@ -34,6 +34,7 @@ def test_dpo_stage_run_checkpoint_rewards_in_tensorboard_and_metric_agrees_with_
         tags |= set(acc.Tags()["scalars"])
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert f"train/{name}" in tags and f"eval/{name}" in tags
+    assert "eval/perplexity" not in tags  # exp(DPO loss) is not a perplexity
 
     # scripts/evaluate.py's pref_acc must measure what trl optimises: same margins on the same pairs.
     reference = AutoModelForCausalLM.from_pretrained(stage_copy / "pretrain" / "checkpoint-1").eval()

@@ -17,13 +17,17 @@ from transformers.integrations import TensorBoardCallback
 
 
 class MetricsCallback(TrainerCallback):
-    """Adds `eval_perplexity = exp(eval_loss)` and copies every log line into train.log."""
+    """Copies every log line into train.log and, for language-model losses (pretraining, SFT),
+    adds `eval_perplexity = exp(eval_loss)`; a DPO or reward loss has no perplexity."""
+
+    def __init__(self, perplexity: bool = True):
+        self.perplexity = perplexity
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict | None = None, **kwargs) -> None:
         if not logs:
             return
-        if "eval_loss" in logs:
+        if self.perplexity and "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         if state.is_world_process_zero:
             shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in logs.items()
@@ -76,9 +80,9 @@ class SampleCallback(TrainerCallback):
             writer.add_text("samples", "\n\n".join(f"`{t}`" for t in texts), state.global_step)
 
 
-def attach_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
+def attach_callbacks(trainer: Trainer, *callbacks: TrainerCallback, perplexity: bool = True) -> Trainer:
     """Our callbacks first (MetricsCallback included), then the library's (TensorBoard, progress)."""
     handler = trainer.callback_handler
-    for cb in reversed([MetricsCallback(), *callbacks]):
+    for cb in reversed([MetricsCallback(perplexity), *callbacks]):
         handler.callbacks.insert(0, cb)
     return trainer

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer, callbacks=list(callbacks))
     prompts = [p for p in args.sample_prompts.split("|") if p.strip()]
-    attach_callbacks(trainer, SampleCallback(trainer, tokenizer, prompts, chat=True))
+    attach_callbacks(trainer, SampleCallback(trainer, tokenizer, prompts, chat=True), perplexity=False)
     trainer.train(resume_from_checkpoint=resume_checkpoint(run, args))
 
     evals = [h for h in trainer.state.log_history if "eval_rewards/accuracies" in h]

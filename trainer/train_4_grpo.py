@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     heldout = HeldOutMetricCallback(
         trainer, "eval/accuracy", every=args.eval_steps,
         measure=lambda m: greedy_accuracy(m, tokenizer, prompts, golds, args.max_completion_length) if prompts else None)
-    attach_callbacks(trainer, heldout)
+    attach_callbacks(trainer, heldout, perplexity=False)
     trainer.train(resume_from_checkpoint=resume_checkpoint(run, args))
 
     if len(heldout.history) >= 2:

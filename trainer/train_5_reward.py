@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     heldout = HeldOutMetricCallback(
         trainer, "eval/pairwise_accuracy", every=0,
         measure=lambda m: reward_model_accuracy(m, tokenizer, eval_rows, args.batch_size) if eval_rows else None)
-    attach_callbacks(trainer, heldout)
+    attach_callbacks(trainer, heldout, perplexity=False)
     trainer.train(resume_from_checkpoint=resume_checkpoint(run, args))
 
     if len(heldout.history) >= 2:
