@@ -83,7 +83,7 @@ def test_a_model_trained_on_the_answers_scores_higher(stage_out_dir):
     labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
     opt = torch.optim.Adam(trained.parameters(), lr=2e-2)
     trained.train()
-    for _ in range(60):
+    for _ in range(200):
         loss = trained(ids, labels=labels).loss  # right padding: real tokens never look at it
         opt.zero_grad()
         loss.backward()
