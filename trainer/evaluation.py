@@ -281,12 +281,16 @@ def task_ppl(req: EvalRequest) -> dict[str, Any]:
     return {"n": len(texts), "ppl": m["ppl"], "loss": m["loss"], "tokens": m["tokens"]}
 
 
-@register_task("answer_acc", "sft_eval", "greedy chat answers graded by trainer.answers.is_correct")
-def task_answer_acc(req: EvalRequest) -> dict[str, Any]:
+def _greedy_accuracy(req: EvalRequest, key: str) -> dict[str, Any]:
     prompts, golds = answer_items(req.data, req.limit)
     lm, tok = load_model(req.model_dir, req.device)
     m = answer_accuracy(lm, tok, prompts, golds, req.max_new_tokens, max(req.batch_size, 32))
-    return {"n": m["n"], "answer_acc": m["accuracy"], "answered": m["answered"], "examples": m["examples"]}
+    return {"n": m["n"], key: m["accuracy"], "answered": m["answered"], "examples": m["examples"]}
+
+
+@register_task("answer_acc", "sft_eval", "greedy chat answers graded by trainer.answers.is_correct")
+def task_answer_acc(req: EvalRequest) -> dict[str, Any]:
+    return _greedy_accuracy(req, "answer_acc")
 
 
 def _pair_logprobs(req: EvalRequest, model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,10 +343,7 @@ def load_reward_model(path: str | Path, device: str = "cpu"):
 
 @register_task("math_acc", "rl_eval", "greedy answers to RL prompts graded against `gt` by trainer.answers.is_correct")
 def task_math_acc(req: EvalRequest) -> dict[str, Any]:
-    prompts, golds = answer_items(req.data, req.limit)
-    lm, tok = load_model(req.model_dir, req.device)
-    m = answer_accuracy(lm, tok, prompts, golds, req.max_new_tokens, max(req.batch_size, 32))
-    return {"n": m["n"], "math_acc": m["accuracy"], "answered": m["answered"], "examples": m["examples"]}
+    return _greedy_accuracy(req, "math_acc")
 
 
 @register_task("rm_acc", "dpo_eval", "reward model (--stage reward): share of pairs with r(chosen) > r(rejected)")
