@@ -51,7 +51,9 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 class SFTArgs(StageArgs):
     lr: float = _flag(1e-3, "peak learning rate (cosine schedule with warmup)")
     batch_size: int = _flag(16, "conversations per device per micro-batch")
-    epochs: float = _flag(1.0, "passes over the training conversations")
+    # On the demo the tiny model learns the answer *format* within one epoch but learns to copy
+    # names and numbers from the question only during the second: held-out loss 0.55 -> 0.19.
+    epochs: float = _flag(3.0, "passes over the training conversations")
     max_length: int = _flag(256, "tokens per conversation (longer ones keep their start)")
     eval_steps: int = _flag(100, "evaluate held-out loss every N steps")
     save_steps: int = _flag(500, "save a checkpoint every N steps (and always at the end)")
