@@ -106,11 +106,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     policy = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).eval()
     reference.requires_grad_(False)
-    # trl treats a config with `output_router_logits` as a MoE model whose forward returns `aux_loss`; trl's
-    # SFTTrainer writes that key into every SFT checkpoint, so a dense model must switch the aux loss off here.
-    moe = getattr(policy.config, "num_experts", 0) > 0
     config = DPOConfig(**trainer_kwargs(args, run, has_eval=True), max_length=args.max_length,
-                       truncation_mode="keep_start", router_aux_loss_coef=None if moe else 0.0, **settings)
+                       truncation_mode="keep_start", **settings)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer, callbacks=list(callbacks))
     prompts = [p for p in args.sample_prompts.split("|") if p.strip()]

@@ -134,10 +134,6 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(init, dtype=run.precision.dtype)
     extra = {"importance_sampling_level": "sequence"} if args.loss_type == "luspo" else {}
-    if not getattr(model.config, "num_experts", 0):
-        # A dense model has no load-balancing loss. trl turns it on when the config merely *has*
-        # `output_router_logits` (trl's SFT writes it into the saved config) and then fails.
-        extra["router_aux_loss_coef"] = 0.0
     config = GRPOConfig(
         **trainer_kwargs(args, run, has_eval=False, include_num_input_tokens_seen=False),
         num_generations=args.num_generations,
