@@ -50,7 +50,7 @@ class MiniMindConfig(PreTrainedConfig):
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None
     norm_topk_prob: bool = True
-    router_aux_loss_coef: float | None = None  # default: 0.01 with experts, 0.0 without
+    router_aux_loss_coef: float | None = None  # default 0.01 with experts; always 0.0 without
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -64,9 +64,12 @@ class MiniMindConfig(PreTrainedConfig):
             # SwiGLU has three matrices instead of two, so ~8/3 * hidden keeps the FLOPs of a 4x MLP;
             # round up to a multiple of 64 for friendly matmul shapes.
             self.intermediate_size = 64 * ((int(self.hidden_size * 8 / 3) + 63) // 64)
-        if self.router_aux_loss_coef is None:
-            # 0.0 on a dense model is what tells trl (DPO, GRPO) there is no load-balancing loss to add.
-            self.router_aux_loss_coef = 0.01 if self.num_experts else 0.0
+        if not self.num_experts:
+            # A dense model has no router. 0.0 is what tells trl (DPO, GRPO) there is no load-balancing
+            # loss to add; forced even when a config says otherwise (checkpoints written before this rule).
+            self.router_aux_loss_coef = 0.0
+        elif self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = 0.01
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         if self.rope_parameters is None:

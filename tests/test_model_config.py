@@ -85,3 +85,13 @@ def test_presets_build_and_small_is_minimind_sized():
     assert 25e6 <= totals["small"] <= 27e6, totals
     assert totals["tiny"] < totals["small"] < totals["base"] < totals["moe"] * 2
     assert totals["moe"] > totals["small"]
+
+
+def test_router_aux_loss_coef_is_zero_without_experts():
+    # trl adds config.router_aux_loss_coef * aux_loss whenever it is non-zero; a dense model has no
+    # aux loss, so a stale non-zero value (e.g. from an old checkpoint's config.json) must not survive.
+    assert MiniMindConfig(hidden_size=64, num_attention_heads=4).router_aux_loss_coef == 0.0
+    assert MiniMindConfig(hidden_size=64, num_attention_heads=4, router_aux_loss_coef=0.01).router_aux_loss_coef == 0.0
+    moe = dict(hidden_size=64, num_attention_heads=4, num_experts=4, num_experts_per_tok=2)
+    assert MiniMindConfig(**moe).router_aux_loss_coef == 0.01
+    assert MiniMindConfig(**moe, router_aux_loss_coef=0.05).router_aux_loss_coef == 0.05
