@@ -14,14 +14,20 @@ each stage can show its effect in minutes:
 * DPO pairs (``{"chosen", "rejected"}``): same prompt; the rejected answer holds a plausible mistake
   (off by one or ten, wrong operation, wrong colour/person/place) or drops the "The answer is" line,
   so the preference is decidable from the text alone;
-* RL prompts (``{"conversations": [user, placeholder], "gt": ["68"]}``): a notch harder than SFT
-  (carries, two-step problems; ``DemoSizes.rl_difficulty``) so a small SFT model is right only part
-  of the time, which is where GRPO/PPO have something to learn.
+* RL prompts (``{"conversations": [user, placeholder], "gt": ["7"]}``): word problems the SFT model
+  gets right only part of the time (``DemoSizes.rl_difficulty``), which is where GRPO/PPO have
+  something to learn: a group of sampled answers must hold both right and wrong ones. The default
+  (level 1) uses one-digit numbers: the tiny SFT model half-knows those facts, and RL makes the right
+  answer its first choice. Two-digit sums (levels 2-3) are beyond it at this compute (~5% right), so
+  RL has almost nothing to reinforce there.
 
-Held-out splits measure generalisation, not recall. Every arithmetic step ``(op, a, b)`` (addition
-keyed by the unordered pair) and every world fact ``(name, colour, object)`` / ``(name, place)`` is
-assigned to train or eval by a hash (:func:`split_of`); a train item only ever uses train keys and
-an eval item only eval keys, in every stage. Train and eval also use different random seeds.
+Held-out splits measure generalisation, not recall. Every two-digit arithmetic step ``(op, a, b)``
+(addition keyed by the unordered pair), every world fact ``(name, colour, object)`` /
+``(name, place)`` and every word-problem cast ``(name, other, thing)`` is assigned to train or eval
+by a hash (:func:`split_of`); a train item only ever uses train keys and an eval item only eval
+keys, in every stage. The 81 one-digit facts ("7 + 5 = 12") are the exception (:func:`_shared`):
+they are this world's times table, known to both splits, and a held-out question uses them in a
+cast no train record has. Train and eval also use different random seeds.
 
 Generation is deterministic (``random.Random`` seeded with a string), takes a couple of seconds and
 copies no third-party text. The VLM stage will add pictures of the same world (coloured objects,
@@ -41,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 EVAL_PERCENT = 15
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -63,8 +69,8 @@ class DemoSizes:
 
     With ~1 token per word, digit or punctuation mark the defaults give roughly 450k pretraining
     tokens, 8k SFT chats (~300k tokens with the chat template), 3k DPO pairs and 2k RL prompts; eval files are small.
-    ``rl_difficulty``: 1 = bare two-digit sums/differences with a carry, 2 = one-step word problems
-    with a carry or two-step bare arithmetic ("23 + 45 - 17"), 3 = two-step word problems.
+    ``rl_difficulty``: 1 = one-step word problems with one-digit numbers, 2 = one-step word problems
+    with a two-digit carry or two-step bare arithmetic ("23 + 45 - 17"), 3 = two-step word problems.
     """
 
     pretrain_train: int = 7000
@@ -75,7 +81,7 @@ class DemoSizes:
     dpo_eval: int = 300
     rl_train: int = 2000
     rl_eval: int = 300
-    rl_difficulty: int = 2
+    rl_difficulty: int = 1
     seed: int = 0
 
 
@@ -83,6 +89,14 @@ def split_of(*key: object) -> str:
     """``"eval"`` for about :data:`EVAL_PERCENT` % of keys, else ``"train"``; stable across runs."""
     digest = zlib.crc32("|".join(map(str, key)).encode())
     return "eval" if digest % 100 < EVAL_PERCENT else "train"
+
+
+def _shared(key: tuple) -> bool:
+    """One-digit number facts ("7 + 5", "9 - 4") belong to every split. They are the times table of
+    this world: there are only 81 of them and no rule predicts an unseen one, so holding some out
+    would only make held-out questions unanswerable. Held-out arithmetic is about *combining* them:
+    new two-digit pairs, and one-digit facts in new contexts (who, what)."""
+    return key[0] in ("add", "sub") and len(key) == 3 and all(isinstance(x, int) and x < 10 for x in key[1:])
 
 
 def _add_key(a: int, b: int) -> tuple:
@@ -159,7 +173,7 @@ class _World:
     split: str
 
     def ok(self, *keys: tuple) -> bool:
-        return all(split_of(*k) == self.split for k in keys)
+        return all(_shared(k) or split_of(*k) == self.split for k in keys)
 
     def add_pair(self, lo: int = 10, hi: int = 99, carry: bool | None = None) -> tuple[int, int]:
         while True:
@@ -187,10 +201,10 @@ class _World:
             if self.ok(_add_key(a, b), _sub_key(a + b, c)):
                 return a, b, c
 
-    def small_pair(self, op: str) -> tuple[int, int]:
+    def small_pair(self, op: str, lo: int = 1) -> tuple[int, int]:
         if op == "+":
-            return self.add_pair(1, 9)
-        return self.sub_pair(1, 9)
+            return self.add_pair(lo, 9)
+        return self.sub_pair(lo, 9)
 
     def fact(self) -> tuple[str, str, str]:
         while True:
@@ -220,6 +234,15 @@ class _World:
 
     def other_name(self, *exclude: str) -> str:
         return self.rng.choice([n for n in NAMES if n not in exclude])
+
+    def context(self) -> tuple[str, str, str]:
+        """(name, other, thing) of a word problem; held out by split, so an eval word problem over a
+        shared one-digit fact is still a question no train record asks."""
+        while True:
+            name = self.rng.choice(NAMES)
+            other, thing = self.other_name(name), self.rng.choice(THINGS)
+            if self.ok(("ctx", name, other, thing)):
+                return name, other, thing
 
 
 def _eq(a: int, op: str, b: int) -> str:
@@ -263,16 +286,14 @@ def _facts_doc(w: _World) -> str:
 
 def _word_problem_story(w: _World) -> str:
     rng = w.rng
-    name = rng.choice(NAMES)
-    other = w.other_name(name)
-    thing = rng.choice(THINGS)
-    kind = rng.random()
+    name, other, thing = w.context()
+    kind, small = rng.random(), rng.random() < 0.3
     if kind < 0.45:
-        a, b = w.add_pair()
+        a, b = w.small_pair("+", lo=2) if small else w.add_pair()
         return (f"{name} has {a} {thing}. {other} gives {_him(name)} {b} more. "
                 f"Now {name} has {a + b} {thing}.")
     if kind < 0.9:
-        a, b = w.sub_pair()
+        a, b = w.small_pair("-", lo=2) if small else w.sub_pair()
         return (f"{name} has {a} {thing}. {_cap(_he(name))} gives {b} {thing} to {other}. "
                 f"Now {name} has {a - b} {thing}.")
     a, b, c = w.two_step()
@@ -294,7 +315,7 @@ def _solved_question_doc(w: _World) -> str:
     if roll < 0.35:
         q, a, _ = _q_arith(w)
     elif roll < 0.7:
-        q, a, _ = _q_word(w)
+        q, a, _ = _q_word(w, small=w.rng.random() < 0.3)
     else:
         q, a, *_ = _q_world(w)
     return f"{q} {a}"
@@ -317,13 +338,15 @@ def _q_arith(w: _World, op: str | None = None, carry: bool | None = None) -> tup
     """A bare arithmetic question -> (question, worked answer, value)."""
     rng = w.rng
     op = op or rng.choice("+-")
+    # A bare one-digit question has no context to hold out (its fact is shared), so only train asks it.
+    small = carry is None and w.split == "train" and rng.random() < 0.1
     if op == "+":
-        a, b = w.add_pair(1, 9) if rng.random() < 0.1 and carry is None else w.add_pair(carry=carry)
+        a, b = w.small_pair("+") if small else w.add_pair(carry=carry)
         q = rng.choice([f"What is {a} + {b}?", f"Compute {a} + {b}.", f"Add {a} and {b}.",
                         f"How much is {a} + {b}?"])
         c = a + b
     else:
-        a, b = w.sub_pair(1, 9) if rng.random() < 0.1 and carry is None else w.sub_pair(borrow=carry)
+        a, b = w.small_pair("-") if small else w.sub_pair(borrow=carry)
         q = rng.choice([f"What is {a} - {b}?", f"Compute {a} - {b}.", f"Subtract {b} from {a}.",
                         f"How much is {a} - {b}?"])
         c = a - b
@@ -337,11 +360,10 @@ def _q_two_step(w: _World) -> tuple[str, str, int]:
     return q, f"{_eq(a, '+', b)} {_eq(a + b, '-', c)} The answer is {r}.", r
 
 
-def _q_word(w: _World, carry: bool | None = None, steps: int = 1) -> tuple[str, str, int]:
+def _q_word(w: _World, carry: bool | None = None, steps: int = 1, small: bool = False) -> tuple[str, str, int]:
+    """A word problem -> (question, worked answer, value); ``small``: one-digit numbers."""
     rng = w.rng
-    name = rng.choice(NAMES)
-    other = w.other_name(name)
-    thing = rng.choice(THINGS)
+    name, other, thing = w.context()
     if steps == 2:
         a, b, c = w.two_step()
         third = w.other_name(name, other)
@@ -350,17 +372,17 @@ def _q_word(w: _World, carry: bool | None = None, steps: int = 1) -> tuple[str, 
         r = a + b - c
         return q, f"{_eq(a, '+', b)} {_eq(a + b, '-', c)} The answer is {r}.", r
     if rng.random() < 0.5:
-        a, b = w.add_pair(carry=carry)
+        a, b = w.small_pair("+", lo=2) if small else w.add_pair(carry=carry)
         q = rng.choice([
             f"{name} has {a} {thing}. {other} gives {_him(name)} {b} more. How many {thing} does {name} have now?",
             f"{name} has {a} {thing} and {other} has {b} {thing}. How many {thing} do they have together?",
         ])
         return q, f"{_eq(a, '+', b)} The answer is {a + b}.", a + b
-    a, b = w.sub_pair(borrow=carry)
+    a, b = w.small_pair("-", lo=2) if small else w.sub_pair(borrow=carry)
     q = rng.choice([
         f"{name} has {a} {thing}. {_cap(_he(name))} gives {b} {thing} to {other}. "
         f"How many {thing} does {name} have left?",
-        f"{name} had {a} {thing} and lost {b} of them. How many {thing} does {name} have now?",
+        f"{name} had {a} {thing}. {other} took {b} of them. How many {thing} does {name} have now?",
     ])
     return q, f"{_eq(a, '-', b)} The answer is {a - b}.", a - b
 
@@ -405,7 +427,8 @@ def _sft_one(w: _World) -> list[dict]:
     elif roll < 0.45:
         q, a, value = _q_two_step(w)
     elif roll < 0.7:
-        q, a, value = _q_word(w, steps=2 if rng.random() < 0.2 else 1)
+        steps = 2 if rng.random() < 0.2 else 1
+        q, a, value = _q_word(w, steps=steps, small=steps == 1 and rng.random() < 0.3)
     else:
         q, a, answer, facts = _q_world(w)
         if rng.random() < 0.25 and len(facts[0]) == 3:
@@ -444,7 +467,7 @@ def _dpo_one(w: _World) -> dict:
         if rng.random() < 0.5:
             q, good, value = _q_arith(w)
         else:
-            q, good, value = _q_word(w)
+            q, good, value = _q_word(w, small=rng.random() < 0.3)
         mode = rng.random()
         a_b = re.match(r"(\d+) ([+-]) (\d+) = \d+\.", good)
         if mode < 0.2 and a_b and (a_b.group(2) == "-" or int(a_b.group(1)) >= int(a_b.group(3))):
@@ -483,7 +506,7 @@ def dpo_pairs(n: int, split: str, seed: int = 0) -> list[dict]:
 def _rl_one(w: _World, difficulty: int) -> tuple[str, int]:
     rng = w.rng
     if difficulty <= 1:
-        q, _, value = _q_arith(w, carry=True)
+        q, _, value = _q_word(w, small=True)
     elif difficulty == 2:
         q, _, value = _q_word(w, carry=True) if rng.random() < 0.5 else _q_two_step(w)
     else:
@@ -491,7 +514,7 @@ def _rl_one(w: _World, difficulty: int) -> tuple[str, int]:
     return q, value
 
 
-def rl_prompts(n: int, split: str, seed: int = 0, difficulty: int = 2) -> list[dict]:
+def rl_prompts(n: int, split: str, seed: int = 0, difficulty: int = 1) -> list[dict]:
     """``n`` MiniMind RLAIF records with a verifiable ``gt``; see :class:`DemoSizes` for difficulty."""
     w = _World(random.Random(f"demo-rl-{split}-{seed}-{difficulty}"), split)
     out = []

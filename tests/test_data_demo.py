@@ -15,6 +15,7 @@ from dataset.demo import (
     extract_answer,
     rl_prompts,
     split_of,
+    _shared,
     tokenizer_corpus,
     unigram_entropy,
     word_tokens,
@@ -118,7 +119,9 @@ def test_train_and_eval_are_disjoint(data_demo_dir):
     train_text = chat_text(load["sft_train"]) + " ".join(r["text"] for r in load["pretrain_train"])
     eval_text = chat_text(load["sft_eval"]) + " ".join(r["text"] for r in load["pretrain_eval"])
     train_keys, eval_keys = _keys(train_text), _keys(eval_text)
-    assert len(eval_keys) > 500 and not train_keys & eval_keys
+    # One-digit facts ("7 + 5") are shared by design (dataset.demo._shared); every other step is split.
+    assert len(eval_keys) > 500 and all(_shared(k) for k in train_keys & eval_keys)
+    eval_keys = {k for k in eval_keys if not _shared(k)}
     train_facts, eval_facts = set(FACT.findall(train_text)), set(FACT.findall(eval_text))
     assert len(eval_facts) > 30 and not train_facts & eval_facts
     assert all(split_of("add", *k[1:]) == "eval" for k in eval_keys if k[0] == "add")
@@ -183,21 +186,35 @@ def test_rl_prompts_have_checkable_gt(data_demo_dir):
 
 
 def test_rl_difficulty_is_a_dial():
-    easy = rl_prompts(50, "train", difficulty=1)
+    easy = rl_prompts(60, "train", difficulty=1)
     for r in easy:
         q = r["conversations"][0]["content"]
-        if m := re.fullmatch(r"Add (\d+) and (\d+)\.", q):
-            a, op, b = int(m[1]), "+", int(m[2])
-        elif m := re.fullmatch(r"Subtract (\d+) from (\d+)\.", q):
-            a, op, b = int(m[2]), "-", int(m[1])
-        else:
-            a, op, b = re.fullmatch(r"\D+ (\d+) ([+-]) (\d+)[?.]", q).groups()
-            a, b = int(a), int(b)
-        value = a + b if op == "+" else a - b
-        assert r["gt"] == [str(value)]
-        assert (a % 10 + b % 10 >= 10) if op == "+" else (a % 10 < b % 10)
+        a, b = map(int, re.findall(r"\d+", q))
+        value = a + b if ("more" in q or "together" in q) else a - b
+        assert a < 10 and b < 10 and r["gt"] == [str(value)], q
+    medium = rl_prompts(60, "train", difficulty=2)
+    assert all(max(map(int, re.findall(r"\d+", r["conversations"][0]["content"]))) >= 10 for r in medium)
     hard = rl_prompts(50, "train", difficulty=3)
     assert all("Then" in r["conversations"][0]["content"] for r in hard)
+
+
+def test_one_digit_facts_are_shared_and_everything_else_is_split():
+    assert _shared(("add", 3, 9)) and _shared(("sub", 9, 4))
+    assert not _shared(("add", 3, 19)) and not _shared(("ctx", "Tom", "Mia", "eggs"))
+    # Shared facts appear in both splits; the word-problem contexts around them do not.
+    train, held_out = rl_prompts(300, "train"), rl_prompts(300, "eval")
+    facts = [{tuple(map(int, re.findall(r"\d+", r["conversations"][0]["content"]))) for r in rows}
+             for rows in (train, held_out)]
+    assert len(facts[0] & facts[1]) > 20
+
+    patterns = (r"(\w+) has \d+ (\w+)\. (?:He|She) gives \d+ \w+ to (\w+)", r"(\w+) has \d+ (\w+)\. (\w+) gives",
+                r"(\w+) has \d+ (\w+) and (\w+) has", r"(\w+) had \d+ (\w+)\. (\w+) took")
+    for split, rows in (("train", train), ("eval", held_out)):
+        for r in rows:
+            q = r["conversations"][0]["content"]
+            m = next(m for p in patterns if (m := re.match(p, q)))
+            name, thing, other = m.groups()
+            assert split_of("ctx", name, other, thing) == split, q
 
 
 def test_tokenizer_corpus_is_train_only(tmp_path):
