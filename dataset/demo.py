@@ -17,9 +17,8 @@ each stage can show its effect in minutes:
 * RL prompts (``{"conversations": [user, placeholder], "gt": ["7"]}``): word problems the SFT model
   gets right only part of the time (``DemoSizes.rl_difficulty``), which is where GRPO/PPO have
   something to learn: a group of sampled answers must hold both right and wrong ones. The default
-  (level 1) uses one-digit numbers: the tiny SFT model half-knows those facts, and RL makes the right
-  answer its first choice. Two-digit sums (levels 2-3) are beyond it at this compute (~5% right), so
-  RL has almost nothing to reinforce there.
+  (level 2: two-digit word problems with a carry, or two-step sums) sits near 30-40% for the tiny
+  SFT model; level 1 (one-digit word problems) is nearly solved and so leaves RL nothing to learn.
 
 Held-out splits measure generalisation, not recall. Every two-digit arithmetic step ``(op, a, b)``
 (addition keyed by the unordered pair), every world fact ``(name, colour, object)`` /
@@ -81,7 +80,7 @@ class DemoSizes:
     dpo_eval: int = 300
     rl_train: int = 2000
     rl_eval: int = 300
-    rl_difficulty: int = 1
+    rl_difficulty: int = 2
     seed: int = 0
 
 
@@ -514,7 +513,7 @@ def _rl_one(w: _World, difficulty: int) -> tuple[str, int]:
     return q, value
 
 
-def rl_prompts(n: int, split: str, seed: int = 0, difficulty: int = 1) -> list[dict]:
+def rl_prompts(n: int, split: str, seed: int = 0, difficulty: int = 2) -> list[dict]:
     """``n`` MiniMind RLAIF records with a verifiable ``gt``; see :class:`DemoSizes` for difficulty."""
     w = _World(random.Random(f"demo-rl-{split}-{seed}-{difficulty}"), split)
     out = []

@@ -202,7 +202,7 @@ def test_one_digit_facts_are_shared_and_everything_else_is_split():
     assert _shared(("add", 3, 9)) and _shared(("sub", 9, 4))
     assert not _shared(("add", 3, 19)) and not _shared(("ctx", "Tom", "Mia", "eggs"))
     # Shared facts appear in both splits; the word-problem contexts around them do not.
-    train, held_out = rl_prompts(300, "train"), rl_prompts(300, "eval")
+    train, held_out = rl_prompts(300, "train", difficulty=1), rl_prompts(300, "eval", difficulty=1)
     facts = [{tuple(map(int, re.findall(r"\d+", r["conversations"][0]["content"]))) for r in rows}
              for rows in (train, held_out)]
     assert len(facts[0] & facts[1]) > 20
