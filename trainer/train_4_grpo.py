@@ -46,18 +46,18 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vesp
 
 @dataclass
 class GRPOArgs(StageArgs):
-    lr: float = _flag(2e-5, "peak learning rate (cosine schedule with warmup)")
+    lr: float = _flag(5e-5, "peak learning rate (cosine schedule with warmup)")
     batch_size: int = _flag(32, "completions per device per step (a multiple of --num_generations)")
     epochs: float = _flag(1.0, "passes over the prompts")
     logging_steps: int = _flag(5, "log rewards/KL/lengths every N steps")
     save_steps: int = _flag(100, "save a checkpoint every N steps (and always at the end)")
-    eval_steps: int = _flag(50, "measure held-out greedy accuracy every N steps (0 = only before and after)")
+    eval_steps: int = _flag(100, "measure held-out greedy accuracy every N steps (0 = only before and after)")
     num_generations: int = _flag(8, "group size G: completions sampled per prompt")
     beta: float = _flag(0.04, "KL coefficient towards the starting model (0 = no reference model, faster)")
     loss_type: str = _flag("dapo", "how token losses are aggregated (trl's GRPOConfig.loss_type)", choices=LOSS_TYPES)
     epsilon: float = _flag(0.2, "PPO clip range for the importance ratio")
     max_completion_length: int = _flag(64, "maximum tokens per sampled completion")
-    temperature: float = _flag(1.0, "sampling temperature for the group")
+    temperature: float = _flag(0.7, "sampling temperature for the group (lower = fewer garbled answers, less variety)")
     reward: str = _flag("correctness,format", "reward functions: comma list (or repeat the flag) of "
                                               "correctness, format, or package.module:function")
     reward_weights: str | None = _flag(None, "comma list of weights, one per reward (default: all 1)")
