@@ -31,6 +31,23 @@ def test_config_yaml_unknown_key_is_an_error(tmp_path, capsys):
     assert "unknown flag(s) learning_rate" in capsys.readouterr().err
 
 
+def test_positive_flags_reject_zero_from_cli_and_config(tmp_path, capsys):
+    from trainer.train_4_grpo import GRPOArgs
+    from trainer.train_6_ppo import PPOArgs
+
+    for cls in (GRPOArgs, PPOArgs):
+        with pytest.raises(SystemExit) as e:
+            parse_args(cls, ["--temperature", "0"])
+        assert e.value.code == 2
+        assert "--temperature 0.0: must be > 0" in capsys.readouterr().err
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("temperature: -1\n")
+    with pytest.raises(SystemExit):
+        parse_args(GRPOArgs, ["--config", str(cfg)])
+    assert "--temperature -1" in capsys.readouterr().err
+    assert parse_args(GRPOArgs, ["--temperature", "0.3"]).temperature == 0.3
+
+
 def test_missing_parent_names_the_command(tmp_path):
     args = parse_args(PretrainArgs, ["--out_dir", str(tmp_path)])
     with pytest.raises(StageError, match=r"Create it with: python trainer/train_0_tokenizer.py --out_dir"):

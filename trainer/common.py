@@ -141,7 +141,12 @@ def parse_args(cls: type[A], argv: Sequence[str] | None = None, description: str
         if unknown:
             parser.error(f"--config {path}: unknown flag(s) {', '.join(unknown)}")
         parser.set_defaults(**values)
-    return cls(**vars(parser.parse_args(argv)))
+    args = cls(**vars(parser.parse_args(argv)))
+    for f in dataclasses.fields(cls):  # flags declared with positive=True (a temperature, a size)
+        value = getattr(args, f.name)
+        if f.metadata.get("positive") and value is not None and value <= 0:
+            parser.error(f"--{f.name} {value}: must be > 0")
+    return args
 
 
 def is_main_process() -> bool:

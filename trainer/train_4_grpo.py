@@ -57,7 +57,8 @@ class GRPOArgs(StageArgs):
     loss_type: str = _flag("dapo", "how token losses are aggregated (trl's GRPOConfig.loss_type)", choices=LOSS_TYPES)
     epsilon: float = _flag(0.2, "PPO clip range for the importance ratio")
     max_completion_length: int = _flag(64, "maximum tokens per sampled completion")
-    temperature: float = _flag(0.7, "sampling temperature for the group (lower = fewer garbled answers, less variety)")
+    temperature: float = _flag(0.7, "sampling temperature for the group (lower = fewer garbled answers, less variety)",
+                                positive=True)
     reward: str = _flag("correctness,format", "reward functions: comma list (or repeat the flag) of "
                                               "correctness, format, or package.module:function")
     reward_weights: str | None = _flag(None, "comma list of weights, one per reward (default: all 1)")

@@ -63,7 +63,7 @@ class PPOArgs(StageArgs):
     save_steps: int = _flag(50, "save a checkpoint every N PPO steps (and always at the end)")
     eval_steps: int = _flag(25, "held-out evaluation every N PPO steps (and before and after)")
     max_completion_length: int = _flag(64, "maximum tokens per sampled answer")
-    temperature: float = _flag(1.0, "sampling temperature (log-probs use the same one)")
+    temperature: float = _flag(1.0, "sampling temperature (log-probs use the same one)", positive=True)
     kl_coef: float = _flag(0.05, "initial coefficient of the per-token KL penalty in the reward")
     kl_target: float = _flag(0.0, "> 0: adapt kl_coef so the sequence KL approaches this (Ziegler et al.)")
     kl_horizon: int = _flag(10000, "adaptive KL horizon, in rollouts")
