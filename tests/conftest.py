@@ -1,4 +1,8 @@
 import os
+import signal
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +235,34 @@ def plumb_pretrain(tmp_path_factory, plumb_pretrain_argv):
     out = tmp_path_factory.mktemp("plumb_pretrain")
     with _plumb_threads():
         return out, train_1_pretrain.main(plumb_pretrain_argv(out))
+
+
+@pytest.fixture
+def torchrun():
+    """Run a stage script as two gloo processes: ``torchrun(script, *args) -> combined output``.
+
+    Fails the test (with the output's tail) on a non-zero exit or after 240 s; skips without torchrun.
+    """
+    from trainer.common import REPO_ROOT
+
+    exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(exe).is_file():
+        pytest.skip("torchrun not found")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TENSORBOARD_LOGGING_DIR"):
+        env.pop(var, None)
+
+    def run(script: str, *args: str) -> str:
+        cmd = [exe, "--standalone", "--nproc_per_node", "2", script, *args]  # standalone: a free port
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+            output, _ = proc.communicate()
+            pytest.fail(f"torchrun did not finish in 240 s:\n{output[-3000:]}")
+        assert proc.returncode == 0, output[-3000:]
+        return output
+
+    return run

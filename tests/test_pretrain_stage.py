@@ -3,12 +3,6 @@ classes, TensorBoard events read back, --resume is exact, real data works, torch
 
 import json
 import math
-import os
-import signal
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import model  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer import train_0_tokenizer, train_1_pretrain
-from trainer.common import REPO_ROOT, latest_checkpoint
+from trainer.common import latest_checkpoint
 
 pytestmark = pytest.mark.usefixtures("plumb_single_thread")
 
@@ -119,28 +113,13 @@ def test_pretrain_on_real_tinystories(data_shared_dir, plumb_preset, tmp_path):
     assert latest_checkpoint(tmp_path / "pretrain").name == "checkpoint-6"
 
 
-def test_torchrun_two_processes(plumb_corpus, plumb_tokenizer_out, tmp_path):
+def test_torchrun_two_processes(plumb_corpus, plumb_tokenizer_out, torchrun, tmp_path):
     """`torchrun --nproc_per_node 2` runs the same script as two gloo processes (correctness, not speed)."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    if not Path(torchrun).is_file():
-        pytest.skip("torchrun not found")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TENSORBOARD_LOGGING_DIR"):
-        env.pop(var, None)
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "trainer/train_1_pretrain.py",  # standalone: a free port
-           "--data", str(plumb_corpus["pretrain_train"]), "--eval_data", str(plumb_corpus["pretrain_eval"]),
-           "--init_from", str(plumb_tokenizer_out / "tokenizer"), "--out_dir", str(tmp_path),
-           "--max_steps", "2", "--max_length", "32", "--batch_size", "2", "--eval_steps", "100", "--save_steps", "100",
-           "--max_eval_blocks", "2", "--sample_prompts", "Tom", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 240 s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    torchrun("trainer/train_1_pretrain.py",
+             "--data", str(plumb_corpus["pretrain_train"]), "--eval_data", str(plumb_corpus["pretrain_eval"]),
+             "--init_from", str(plumb_tokenizer_out / "tokenizer"), "--out_dir", str(tmp_path),
+             "--max_steps", "2", "--max_length", "32", "--batch_size", "2", "--eval_steps", "100", "--save_steps", "100",
+             "--max_eval_blocks", "2", "--sample_prompts", "Tom", "--device", "cpu")
     ckpt = latest_checkpoint(tmp_path / "pretrain")
     assert ckpt is not None and ckpt.name == "checkpoint-2"
     state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -74,3 +74,19 @@ def test_latest_checkpoint_skips_incomplete_saves(tmp_path):
     (tmp_path / "checkpoint-final").mkdir()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"  # numeric order, cut-off save ignored
     assert resolve_stage_or_path(str(tmp_path), Path("unused")) == tmp_path / "checkpoint-20"
+
+
+def test_run_main_destroys_the_process_group_after_a_successful_run(tmp_path):
+    """A torchrun worker must not exit with gloo alive: its threads can abort the interpreter's shutdown."""
+    import torch.distributed as dist
+
+    from trainer.common import run_main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        seen = []
+        run_main(lambda argv: seen.append(dist.is_initialized()))
+        assert seen == [True] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

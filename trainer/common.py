@@ -378,3 +378,19 @@ def run_main(main: Callable[[Sequence[str] | None], Any]) -> None:
     except KeyboardInterrupt:
         logger.warning("interrupted; continue later with --resume")
         sys.exit(130)
+    else:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear down torch.distributed (torchrun runs) before the interpreter exits.
+
+    Left alive, gloo's worker threads can outlive Python's finalisation and abort the process
+    (SIGABRT, "terminate called without an active exception") after a successful run. Only called
+    on success: if one rank failed, the others may be inside a collective and a barrier would hang.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
