@@ -42,9 +42,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
 from dataset.jsonl import load_records
-from trainer.common import (CHECKPOINT_RE, StageArgs, StageError, _flag, close_process_group, creating_command,
-                            is_main_process, latest_checkpoint, parse_args, resolve_data, resolve_init,
-                            resolve_stage_or_path, run_main, stage_output, start_stage)
+from trainer.common import (CHECKPOINT_RE, StageArgs, StageError, _flag, creating_command, is_main_process,
+                            latest_checkpoint, parse_args, resolve_data, resolve_init, resolve_stage_or_path, run_main,
+                            stage_output, start_stage)
 from trainer.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, Rollout, RunningMeanStd,
                          explained_variance, gae, generate_completions, greedy_completions, masked_mean, per_token_rewards,
                          policy_loss, score_with_reward_model, token_logprobs, token_values, value_loss, whiten)
@@ -88,7 +88,8 @@ class PPOArgs(StageArgs):
 # ---------------------------------------------------------------------------------------------
 
 def init_distributed(device: str) -> tuple[int, int]:
-    """(rank, world_size); joins the process group when torchrun started several processes."""
+    """(rank, world_size); joins the process group when torchrun started several processes.
+    `run_main` closes it after a successful run, as for every stage."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -416,7 +417,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
                    if "accuracy" in before and "accuracy" in after else "")
             logger.info(f"held-out greedy reward-model score {before['rm_score']:.3f} (step {s0}) -> "
                         f"{after['rm_score']:.3f} (step {s1}){acc}; final KL {last_metrics.get('kl', float('nan')):.3f}")
-    close_process_group()
     return run.dir / f"checkpoint-{total_steps}"
 
 
