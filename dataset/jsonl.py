@@ -124,7 +124,7 @@ def _parse_json_field(value: Any, where: str) -> Any:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise _FieldError(where, f"not valid JSON ({err.msg} at char {err.pos}): {_short(value)}")
+            raise _FieldError(where, f"not valid JSON ({err.msg} at char {err.pos}): {_short(value)}") from None
     if not isinstance(value, (list, dict)):
         raise _FieldError(where, f"expected a list or object, got {_type_name(value)}")
     return value
@@ -266,7 +266,7 @@ def _parse(line: str, kind: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise _FieldError(None, f"invalid JSON: {err.msg} (char {err.pos})")
+        raise _FieldError(None, f"invalid JSON: {err.msg} (char {err.pos})") from None
     if not isinstance(obj, dict):
         raise _FieldError(None, f"expected a JSON object, got {_type_name(obj)}")
     return _NORMALISERS[kind](obj)

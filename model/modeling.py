@@ -177,9 +177,13 @@ class MiniMindForSequenceClassification(MiniMindPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
-    def token_values(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.score(hidden)[..., 0]
+    def token_values(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                     position_ids: torch.LongTensor | None = None, positions: slice = slice(None)) -> torch.Tensor:
+        """The head (first label) at every position [B, T], or only at `positions` (a slice of T, as
+        `logits_to_keep` does for the LM head): V(s_t) for a PPO critic."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+        return self.score(hidden[:, positions])[..., 0]
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,

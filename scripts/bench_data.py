@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from transformers import AutoTokenizer
@@ -35,7 +32,9 @@ from transformers import AutoTokenizer
 import model as mm
 from dataset.jsonl import iter_records
 from dataset.pretokenize import PackedBlocks, TokenMemmap, pretokenize
-from trainer.common import StageError, pick_precision, resolve_data, resolve_stage_or_path, run_main, setup_logging
+from trainer.lib.data import resolve_data
+from trainer.lib.runtime import pick_precision, run_main, setup_logging
+from trainer.lib.stages import StageError, resolve_stage_or_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +76,7 @@ def bench_loader(tokens: TokenMemmap, batch_size: int, max_length: int, batches:
     n = 0
     start = time.perf_counter()
     while n < batches:
-        for batch in loader:
+        for _ in loader:
             n += 1
             if n >= batches:
                 break
@@ -114,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     setup_logging()
     out_dir = Path(args.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(resolve_stage_or_path(args.tokenizer, out_dir, flag="--tokenizer"))
-    data = resolve_data(SimpleNamespace(data=args.data, eval_data=None, out_dir=args.out_dir), "pretrain", out_dir)
+    data = resolve_data(SimpleNamespace(data=args.data, eval_data=None, out_dir=args.out_dir), "pretrain")
     texts = [r["text"] for _, r in zip(range(args.max_texts), iter_records(data.train, "pretrain"))]
 
     figures = {"data": str(data.train), "texts": len(texts)}
@@ -134,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(figures))
     else:
-        where = (f"given (--step_tokens_per_s)" if args.step_tokens_per_s else
+        where = ("given (--step_tokens_per_s)" if args.step_tokens_per_s else
                  f"{args.preset} model, {figures['train_params_M']:.2f}M params, step {figures['train_step_s']:.2f} s")
         print(f"data: {data.train} ({len(texts)} texts, {figures['corpus_mb']:.2f} MB, {figures['corpus_tokens']:,} tokens)")
         print(f"tokenizer : {figures['tokenizer_tokens_per_s']:>12,.0f} tokens/s  ({figures['tokenizer_mb_per_s']:.2f} MB/s)")

@@ -15,13 +15,9 @@ group onto their kv head), which is where the two implementations differ.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse  # noqa: E402
 import statistics  # noqa: E402
+import sys
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -172,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.attention:
             bench_attention(preset, args)
 
-    print(f"\n| preset | batch | train tok/s ours | stock | ratio | decode tok/s ours | stock | ratio | same tokens |")
+    print("\n| preset | batch | train tok/s ours | stock | ratio | decode tok/s ours | stock | ratio | same tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
     for preset, batch, train, decode in rows:
         print(f"| {preset} | {batch} | {train['ours']:.0f} | {train['stock']:.0f} | {train['ours'] / train['stock']:.2f} "

@@ -16,13 +16,10 @@ error and exit code 2.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse  # noqa: E402
 import shutil  # noqa: E402
+import sys
+from pathlib import Path
 
 # Tokenizer and generation files travel with the weights; the model's own files are rewritten.
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from trainer.common import StageError, pick_precision, resolve_stage_or_path, run_main, setup_logging
-from trainer.evaluation import TASKS, EvalRequest, evaluate
+from trainer.lib.runtime import pick_precision, run_main, setup_logging
+from trainer.lib.stages import StageError, resolve_stage_or_path
+from trainer.lib.tasks import TASKS, EvalRequest, evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,19 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from transformers import AutoTokenizer
 
 from dataset.jsonl import iter_records
 from dataset.pretokenize import encode_documents
-from trainer.common import resolve_data, resolve_stage_or_path, run_main, setup_logging
+from trainer.lib.data import resolve_data
+from trainer.lib.runtime import run_main, setup_logging
+from trainer.lib.stages import resolve_stage_or_path
 
 IGNORE = -100
 RECORD_KIND = {"pretrain": "pretrain", "sft": "chat", "dpo": "dpo", "rl": "rl"}
@@ -151,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     setup_logging()
     out_dir = Path(args.out_dir)
     tokenizer = AutoTokenizer.from_pretrained(resolve_stage_or_path(args.tokenizer, out_dir, flag="--tokenizer"))
-    data = resolve_data(SimpleNamespace(data=args.data, eval_data=None, out_dir=args.out_dir), args.stage, out_dir)
+    data = resolve_data(SimpleNamespace(data=args.data, eval_data=None, out_dir=args.out_dir), args.stage)
     max_length = args.max_length or DEFAULT_LENGTH[args.stage]
     samples = list(SAMPLERS[args.stage](tokenizer, data.train, args.n, max_length))
     if args.json:

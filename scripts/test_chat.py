@@ -22,14 +22,13 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from threading import Thread
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 import model as _registers_minimind  # noqa: F401  (Auto classes learn model_type "minimind")
-from trainer.common import (STAGES, StageError, creating_command, pick_precision, resolve_stage_or_path, run_main,
-                            setup_logging, stage_output)
+from trainer.lib.generation import Prompt, Sampling, generate
+from trainer.lib.runtime import pick_precision, run_main, setup_logging
+from trainer.lib.stages import STAGES, StageError, creating_command, resolve_stage_or_path, stage_output
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,65 +70,50 @@ def load(model_dir: Path, device: str = "auto"):
     return model, tokenizer
 
 
-def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict:
-    kwargs = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if args.temperature > 0:
-        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return kwargs
-
-
-def stream_reply(model, tokenizer, input_ids: torch.Tensor, gen_kwargs: dict,
-                 write: Callable[[str], None]) -> str:
-    """Generate in a thread and hand each decoded piece to `write` as soon as it exists.
-
-    Returns the reply decoded from the generated ids in one go: the pieces joined equal it.
-    """
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result: dict[str, torch.Tensor] = {}
-
-    def work() -> None:
-        with torch.no_grad():
-            result["ids"] = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                           streamer=streamer, **gen_kwargs)
-
-    thread = Thread(target=work)
-    thread.start()
-    for piece in streamer:
-        write(piece)
-    thread.join()
-    if "ids" not in result:
-        raise RuntimeError("generation failed (see the error above)")
-    return tokenizer.decode(result["ids"][0, input_ids.shape[1]:], skip_special_tokens=True)
+def sampling_of(args: argparse.Namespace) -> Sampling:
+    return Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    repetition_penalty=args.repetition_penalty)
 
 
 class Chat:
     """A conversation: the history of messages (chat mode) and how one turn becomes model input."""
 
-    def __init__(self, model, tokenizer, chat: bool, system: str | None, gen_kwargs: dict):
+    def __init__(self, model, tokenizer, chat: bool, system: str | None, sampling: Sampling,
+                 max_new_tokens: int = 128, **generate_kwargs):
         self.model, self.tokenizer, self.chat, self.system = model, tokenizer, chat, system
-        self.gen_kwargs = gen_kwargs
+        self.sampling, self.max_new_tokens, self.generate_kwargs = sampling, max_new_tokens, generate_kwargs
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def input_ids(self, text: str) -> torch.Tensor:
-        if self.chat:
-            self.messages.append({"role": "user", "content": text})
-            ids = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
-                                                     return_dict=True, return_tensors="pt")["input_ids"]
-        else:
-            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        return ids.to(self.model.device)
+    def prompt(self, text: str) -> Prompt:
+        """The model input for a new user turn: the whole conversation so far (chat) or the text (plain)."""
+        if not self.chat:
+            return text
+        self.messages.append({"role": "user", "content": text})
+        return list(self.messages)
 
     def turn(self, text: str, write: Callable[[str], None]) -> str:
-        reply = stream_reply(self.model, self.tokenizer, self.input_ids(text), self.gen_kwargs, write)
+        """Generate in a thread and hand each decoded piece to `write` as soon as it exists; returns
+        the reply decoded from the generated ids in one go (the pieces joined equal it)."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        prompt, result = self.prompt(text), {}
+
+        def work() -> None:
+            result["reply"] = generate(self.model, self.tokenizer, [prompt], self.max_new_tokens, self.sampling,
+                                       streamer=streamer, **self.generate_kwargs).texts[0]
+
+        thread = Thread(target=work)
+        thread.start()
+        for piece in streamer:
+            write(piece)
+        thread.join()
+        if "reply" not in result:
+            raise RuntimeError("generation failed (see the error above)")
         if self.chat:
-            self.messages.append({"role": "assistant", "content": reply})
-        return reply
+            self.messages.append({"role": "assistant", "content": result["reply"]})
+        return result["reply"]
 
 
 def _write(piece: str) -> None:
@@ -179,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, str]]:
         raise StageError(f"{model_dir}: the tokenizer has no chat template; use --mode plain")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    chat = Chat(model, tokenizer, chat=not plain, system=args.system, gen_kwargs=generation_kwargs(args, tokenizer))
+    chat = Chat(model, tokenizer, chat=not plain, system=args.system, sampling=sampling_of(args),
+                max_new_tokens=args.max_new_tokens)
     mode = "plain continuation" if plain else "chat"
     print(f"[{model_dir}: {mode}; " + ("" if args.prompt else "/reset clears the history, exit or Ctrl-D quits; ")
           + f"temperature {args.temperature}]", flush=True)

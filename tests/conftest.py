@@ -1,11 +1,24 @@
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are programs, not a package): `load_script("evaluate").main(argv)`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -243,7 +256,7 @@ def torchrun():
 
     Fails the test (with the output's tail) on a non-zero exit or after 240 s; skips without torchrun.
     """
-    from trainer.common import REPO_ROOT
+    from trainer.lib.stages import REPO_ROOT
 
     exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     if not Path(exe).is_file():

@@ -11,8 +11,8 @@ from dataset.jsonl import DataError, LoadReport, find_default_file, iter_records
 
 def _write(tmp_path: Path, lines: list, name: str = "x.jsonl") -> Path:
     path = tmp_path / name
-    data = b"".join((l if isinstance(l, bytes) else (l if isinstance(l, str) else json.dumps(l)).encode()) + b"\n"
-                    for l in lines)
+    data = b"".join((x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode()) + b"\n"
+                    for x in lines)
     path.write_bytes(data)
     return path
 

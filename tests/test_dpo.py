@@ -10,8 +10,9 @@ from trl import DPOConfig
 
 import model as mm  # noqa: F401
 from dataset.jsonl import load_records
-from trainer.common import StageError, latest_checkpoint, parse_args
-from trainer.evaluation import completion_logprobs, preference_accuracy
+from trainer.lib.flags import parse_args
+from trainer.lib.metrics import completion_logprobs, preference_accuracy
+from trainer.lib.stages import StageError, latest_checkpoint
 from trainer.train_3_dpo import DPOArgs, loss_settings, main
 
 

@@ -12,19 +12,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model as mm  # noqa: F401
-from trainer.common import StageError
-from trainer.evaluation import (TASKS, EvalRequest, answer_accuracy, answer_items, chat_ids, completion_logprobs,
-                                loglik_accuracy, perplexity, preference_accuracy, register_task, resolve_ref)
+from conftest import load_script
+from trainer.lib.generation import chat_ids
+from trainer.lib.metrics import (answer_accuracy, answer_items, completion_logprobs, loglik_accuracy, perplexity,
+                                 preference_accuracy)
+from trainer.lib.stages import StageError
+from trainer.lib.tasks import TASKS, EvalRequest, register_task, resolve_ref
 
 
 def evaluate_main(argv):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).parents[1] / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("evaluate").main(argv)
 
 
 def load(path):

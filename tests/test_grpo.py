@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.common import StageError
-
 
 def test_repeated_reward_flags_are_merged():
-    from trainer.train_4_grpo import merge_repeated_flag
+    from trainer.lib.flags import merge_repeated_flag
 
     argv = ["--reward", "correctness", "--beta", "0", "--reward=format,a.b:c"]
     assert merge_repeated_flag(argv, "--reward") == ["--beta", "0", "--reward", "correctness,format,a.b:c"]
@@ -17,15 +15,14 @@ def test_repeated_reward_flags_are_merged():
 
 
 def test_reward_flags_are_checked():
-    from trainer.common import parse_args
-    from trainer.train_4_grpo import GRPOArgs, build_rewards
+    from trainer.lib.grading import build_rewards
 
-    funcs, weights = build_rewards(parse_args(GRPOArgs, ["--reward", "correctness,format", "--reward_weights", "1,0.5"]))
+    funcs, weights = build_rewards("correctness,format", "1,0.5")
     assert [f.__name__ for f in funcs] == ["correctness", "format_reward"] and weights == [1.0, 0.5]
-    with pytest.raises(StageError, match="2 values for 1 rewards"):
-        build_rewards(parse_args(GRPOArgs, ["--reward", "correctness", "--reward_weights", "1,2"]))
-    with pytest.raises(StageError, match="cannot import module"):
-        build_rewards(parse_args(GRPOArgs, ["--reward", "no_such_mod:f"]))
+    with pytest.raises(ValueError, match="2 values for 1 rewards"):
+        build_rewards("correctness", "1,2")
+    with pytest.raises(ValueError, match="cannot import module"):
+        build_rewards("no_such_mod:f")
 
 
 def test_loss_types_are_trls():

@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import model
 from model import MiniMindConfig, MiniMindForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import convert_model  # noqa: E402
+from conftest import REPO_ROOT as ROOT
+from conftest import load_script
+
+convert_model = load_script("convert_model")
 
 VOCAB = 97
 YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64}
@@ -113,7 +113,7 @@ CLEAN_LOADER = textwrap.dedent("""
 
 
 def test_stock_transformers_loads_export_without_our_code(tmp_path):
-    """A fresh interpreter that never imports `model` (nor has the repo on sys.path) loads the exports."""
+    """A fresh interpreter that never imports `model` (our code) loads the exports with stock transformers."""
     cases = {"dense": random_model(seed=3, **CASES["gqa2-untied-yarn"]),
              "moe": random_model(seed=4, **CASES["moe-gqa4-tied-yarn"])}
     torch.manual_seed(5)

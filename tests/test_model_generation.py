@@ -100,10 +100,7 @@ def test_returned_cache_can_be_continued(lm):
 
 def test_static_cache(lm):
     ids = prompt(10)
-    try:
-        static = generate(lm, ids, cache_implementation="static")
-    except Exception as e:  # pragma: no cover - documents the limit if a transformers release drops it
-        pytest.skip(f"StaticCache does not accept this model: {type(e).__name__}: {e}")
+    static = generate(lm, ids, cache_implementation="static")
     assert torch.equal(static, generate(lm, ids))
     # Left-padded batch: generate() hands the model a ready 4-D mask sized to the static cache.
     batch = torch.cat([torch.full((1, 4), PAD), prompt(6, seed=1)], dim=1)

@@ -3,14 +3,16 @@ entropy, whitening, running statistics, rollout masks), then a short CPU run of 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from trainer.ppo import (AdaptiveKLController, RunningMeanStd, completion_mask_until_eos, entropy_from_logits,
-                         explained_variance, gae, generate_completions, kl_k1, kl_k3, masked_mean, per_token_rewards,
-                         policy_loss, token_logprobs, token_values, value_loss, whiten)
+from trainer.lib.generation import Sampling, completion_mask_until_eos, generate
+from trainer.lib.ppo import (AdaptiveKLController, RunningMeanStd, entropy_from_logits, explained_variance, gae, kl_k1,
+                             kl_k3, masked_mean, per_token_rewards, policy_loss, token_logprobs, token_values,
+                             value_loss, whiten)
 
 
 def test_gae_hand_computed():
@@ -181,7 +183,7 @@ def test_rollout_logprobs_and_values_ignore_left_padding(rl_models):
                [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "Tom has 23 apples. Mia gives him 45 more. How many apples does Tom have?"}]]
     torch.manual_seed(0)
-    r = generate_completions(lm, tok, prompts, max_new_tokens=6, temperature=1.0)
+    r = generate(lm, tok, prompts, max_new_tokens=6, sampling=Sampling(temperature=1.0))
     assert r.input_ids.shape[1] == r.prompt_length + r.completion_mask.shape[1]
     with torch.no_grad():
         logp, _ = token_logprobs(lm, r)
@@ -219,12 +221,70 @@ def test_ppo_stage_runs_and_saves(rl_models, rl_events, tmp_path):
     assert [s for s, _ in scalars["train/policy_loss"]] == [1, 2]
     assert [s for s, _ in scalars["eval/rm_score"]] == [0, 2]
 
-    # --resume continues from checkpoint-2 to step 3.
-    main(["--out_dir", str(out), "--init_from", str(rl_models["policy"]), "--reward_model", str(rl_models["reward"]),
-          "--data", str(rl_models["rl_train"]), "--eval_data", str(rl_models["rl_eval"]), "--max_steps", "3",
-          "--batch_size", "4", "--mini_batch_size", "2", "--max_completion_length", "8", "--max_eval_prompts", "2",
-          "--resume"])
-    assert (out / "ppo" / "checkpoint-3" / "config.json").is_file()
+    metrics = json.loads((out / "ppo" / "metrics.json").read_text())
+    assert set(metrics) == {"rm_score", "accuracy"} and metrics["rm_score"]["higher_is_better"] is True
+    assert metrics["rm_score"]["after"] == pytest.approx(scalars["eval/rm_score"][-1][1])
+
+
+KILLING_REWARD = """
+import os, signal
+
+calls = 0
+
+
+def digit_share(prompts, completions, **columns):
+    \"\"\"Share of digits in each completion; SIGKILLs this process on call $PPO_KILL_AT (a crash mid-step).\"\"\"
+    global calls
+    calls += 1
+    if os.environ.get("PPO_KILL_AT") == str(calls):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]
+"""
+
+
+def test_ppo_resume_after_sigkill_equals_an_uninterrupted_run(rl_models, tmp_path):
+    """Killed during step 4 (latest checkpoint: 2), `--resume` must end with the very weights, optimizer
+    and KL state of a run that never stopped: models, optimizers, schedulers, reward statistics and the
+    sampler's RNG all come back. Both runs are subprocesses with one thread, so only the resume differs."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO_ROOT
+
+    (tmp_path / "killing_reward.py").write_text(KILLING_REWARD)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("PPO_KILL_AT", None)
+
+    def run(out, *extra, kill_at=None):
+        cmd = [sys.executable, "trainer/train_6_ppo.py", "--out_dir", str(out), "--init_from", str(rl_models["policy"]),
+               "--reward_model", str(rl_models["reward"]), "--data", str(rl_models["rl_train"]), "--eval_data",
+               str(rl_models["rl_eval"]), "--max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
+               "--batch_size", "4", "--mini_batch_size", "2", "--max_completion_length", "8", "--max_eval_prompts", "2",
+               "--lr", "1e-3", "--kl_target", "1.0", "--rule_reward", "killing_reward:digit_share", *extra]
+        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                              env={**env, **({"PPO_KILL_AT": str(kill_at)} if kill_at else {})})
+
+    full = run(tmp_path / "a")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run(tmp_path / "b", kill_at=4)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "b" / "ppo").glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = run(tmp_path / "b", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a, b = tmp_path / "a" / "ppo" / "checkpoint-4", tmp_path / "b" / "ppo" / "checkpoint-4"
+    for name in ("model.safetensors", "critic/model.safetensors"):
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    sa, sb = (torch.load(d / "ppo_state.pt", weights_only=True) for d in (a, b))
+    assert sa["kl_coef"] == sb["kl_coef"] and sa["reward_stats"] == sb["reward_stats"] and sa["step"] == 4
+    for oa, ob in zip(sa["optimizers"], sb["optimizers"]):
+        assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
+    start = load_file(tmp_path / "b" / "ppo" / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(start[k], v) for k, v in load_file(rl_models["policy"] / "model.safetensors").items())
 
 
 def test_ppo_stage_under_torchrun_two_processes(rl_models, torchrun, tmp_path):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import model  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer import train_0_tokenizer, train_1_pretrain
-from trainer.common import latest_checkpoint
+from trainer.lib.stages import latest_checkpoint
 
 pytestmark = pytest.mark.usefixtures("plumb_single_thread")
 
@@ -57,7 +57,11 @@ def test_pretrain_writes_tensorboard_events(plumb_pretrain):
     scalars = acc.Tags()["scalars"]
     assert {"train/loss", "train/learning_rate", "eval/loss", "eval/perplexity"} <= set(scalars)
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
-    assert "samples" in str(acc.Tags().get("tensors", [])) or acc.Tags().get("tensors") is not None
+    # SampleCallback's generations are a TensorBoard text summary, one per evaluation (steps 0, 4, 8).
+    tag = next(t for t in acc.Tags()["tensors"] if t.startswith("samples"))
+    texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)]
+    assert [e.step for e in acc.Tensors(tag)] == [0, 4, 8]
+    assert all("`Tom has -> " in t for t in texts)
 
 
 class StopAt(TrainerCallback):
@@ -87,7 +91,7 @@ def test_resume_matches_an_uninterrupted_run(plumb_pretrain, plumb_pretrain_argv
 
 
 def test_resume_without_checkpoint_is_a_clear_error(plumb_pretrain_argv, tmp_path):
-    from trainer.common import StageError
+    from trainer.lib.stages import StageError
 
     with pytest.raises(StageError, match="--resume: no checkpoint"):
         train_1_pretrain.main(plumb_pretrain_argv(tmp_path, "--resume"))

@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.ppo import pairwise_accuracy, reward_model_accuracy, score_with_reward_model
+from trainer.lib.metrics import pairwise_accuracy
+from trainer.lib.reward_model import load_reward_model, reward_model_accuracy, reward_scores
 
 
 def test_pairwise_accuracy_hand_built():
     chosen = torch.tensor([1.0, 2.0, 3.0, 0.0, 5.0])
     rejected = torch.tensor([0.0, 2.0, 4.0, -1.0, 4.9])
-    assert pairwise_accuracy(chosen, rejected) == pytest.approx(3 / 5)  # the tie (2, 2) counts as wrong
-    assert pairwise_accuracy(torch.zeros(4), torch.zeros(4)) == 0.0
+    assert pairwise_accuracy(chosen, rejected) == pytest.approx(3.5 / 5)  # the tie (2, 2) counts one half
+    assert pairwise_accuracy(torch.zeros(4), torch.zeros(4)) == 0.5  # a constant scorer is at chance
 
 
 class LengthRewardModel(torch.nn.Module):
@@ -43,7 +44,7 @@ def test_reward_model_accuracy_scores_whole_conversations(rl_models):
     assert reward_model_accuracy(LengthRewardModel(), tok, pairs, batch_size=2) == pytest.approx(2 / 3)
     # Scores are read over the chat-templated conversation, as trl's RewardTrainer formats pairs.
     text = tok.apply_chat_template(q + [{"role": "assistant", "content": "5"}], tokenize=False)
-    score = score_with_reward_model(LengthRewardModel(), tok, [q], ["5"])
+    score = reward_scores(LengthRewardModel(), tok, [q], ["5"])
     assert score.item() == len(tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -51,11 +52,10 @@ def test_causal_lm_checkpoint_loads_into_reward_model(rl_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from model import MiniMindForSequenceClassification
-    from trainer.train_5_reward import load_reward_model
 
     tok = AutoTokenizer.from_pretrained(rl_models["policy"])
     lm = AutoModelForCausalLM.from_pretrained(rl_models["policy"])
-    rm = load_reward_model(rl_models["policy"], tok.pad_token_id, torch.float32)
+    rm = load_reward_model(rl_models["policy"], torch.float32, tok.pad_token_id)
     assert isinstance(rm, MiniMindForSequenceClassification) and rm.config.num_labels == 1
     assert rm.config.pad_token_id == tok.pad_token_id
     for key, value in lm.model.state_dict().items():
@@ -90,15 +90,13 @@ def test_rl_evaluation_tasks(rl_models, tmp_path, capsys):
     """scripts/evaluate.py's RL tasks: math_acc (a policy on RL prompts), rm_acc (the reward model
     on pairs, the same count as reward_model_accuracy), rm_score (a policy's greedy answers scored
     by --reward_model)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).parents[1] / "scripts" / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from conftest import load_script
+
+    script = load_script("evaluate")
     common = ["--out_dir", str(tmp_path), "--limit", "4", "--max_new_tokens", "6"]
 
     got = script.main(["--stage", str(rl_models["policy"]), "--task", "math_acc", "--data", str(rl_models["rl_eval"]), *common])

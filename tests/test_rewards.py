@@ -1,11 +1,11 @@
-"""The rule rewards: one grading rule (trainer.answers), both completion shapes trl hands over,
+"""The rule rewards: one grading rule (trainer.lib.grading), both completion shapes trl hands over,
 partial credit for format, and readable errors for custom rewards that cannot be loaded."""
 
 from __future__ import annotations
 
 import pytest
 
-from trainer.rewards import completion_text, correctness, format_reward, format_score, load_reward, parse_reward_specs
+from trainer.lib.grading import completion_text, correctness, format_reward, format_score, load_reward, parse_reward_specs
 
 
 def conv(text: str) -> list[dict]:
@@ -61,16 +61,16 @@ def test_completion_text_shapes():
 def test_load_builtin_and_custom_rewards():
     assert load_reward("correctness") is correctness
     assert load_reward(" format ") is format_reward
-    assert load_reward("trainer.rewards:format_reward") is format_reward
-    assert load_reward("trainer.rewards:BUILTIN_REWARDS.get") is not None  # dotted attribute path
+    assert load_reward("trainer.lib.grading:format_reward") is format_reward
+    assert load_reward("trainer.lib.grading:BUILTIN_REWARDS.get") is not None  # dotted attribute path
 
 
 @pytest.mark.parametrize("spec, message", [
     ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
-    ("trainer.rewards:nope", "has no attribute 'nope'"),
-    ("trainer.rewards:BUILTIN_REWARDS", "not a callable"),
+    ("trainer.lib.grading:nope", "has no attribute 'nope'"),
+    ("trainer.lib.grading:BUILTIN_REWARDS", "not a callable"),
     ("justaname", "expected one of correctness, format"),
-    ("trainer.rewards:", "expected one of"),
+    ("trainer.lib.grading:", "expected one of"),
 ])
 def test_load_reward_errors_are_readable(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

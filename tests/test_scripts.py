@@ -1,29 +1,21 @@
 """scripts/test_chat.py, scripts/inspect_data.py and scripts/bench_data.py, run in-process on tiny artifacts."""
 
-import importlib.util
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 
-from trainer.common import REPO_ROOT, StageError
+from conftest import load_script
+from trainer.lib.generation import Sampling, prompt_ids
+from trainer.lib.stages import StageError
 
 pytestmark = pytest.mark.usefixtures("plumb_single_thread")
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"plumb_scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-test_chat = _script("test_chat")
-inspect_data = _script("inspect_data")
-bench_data = _script("bench_data")
+test_chat = load_script("test_chat")
+inspect_data = load_script("inspect_data")
+bench_data = load_script("bench_data")
 
 
 @pytest.fixture
@@ -54,9 +46,9 @@ def test_chat_multi_turn_keeps_history(plumb_chat_out, capsys):
         assert f"assistant: {reply}\n" in out
 
     model, tok = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
-    chat = test_chat.Chat(model, tok, chat=True, system="Be brief.", gen_kwargs={"max_new_tokens": 3, "do_sample": False})
+    chat = test_chat.Chat(model, tok, chat=True, system="Be brief.", sampling=Sampling(), max_new_tokens=3)
     first = chat.turn("What is 2 + 3?", lambda s: None)
-    ids = chat.input_ids("And 4 + 4?")[0].tolist()
+    ids = prompt_ids(tok, chat.prompt("And 4 + 4?"))
     expected = tok.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
          {"role": "assistant", "content": first}, {"role": "user", "content": "And 4 + 4?"}],
@@ -70,8 +62,8 @@ def test_chat_multi_turn_keeps_history(plumb_chat_out, capsys):
 def test_chat_streamed_text_equals_final_text(plumb_chat_out, sample):
     model, tok = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
     args = test_chat.build_parser().parse_args(["--temperature", "1.0" if sample else "0", "--max_new_tokens", "24"])
-    gen = {**test_chat.generation_kwargs(args, tok), "min_new_tokens": 24}  # no early stop: a long reply
-    chat = test_chat.Chat(model, tok, chat=True, system=None, gen_kwargs=gen)
+    chat = test_chat.Chat(model, tok, chat=True, system=None, sampling=test_chat.sampling_of(args),
+                          max_new_tokens=args.max_new_tokens, min_new_tokens=24)  # no early stop: a long reply
     torch.manual_seed(0)
     pieces: list[str] = []
     reply = chat.turn("Tell me a story.", pieces.append)

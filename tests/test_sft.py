@@ -11,8 +11,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model as mm  # noqa: F401
-from trainer.common import StageError, latest_checkpoint, parse_args, start_stage
-from trainer.train_2_sft import SFTArgs, build_model, build_trainer, count_truncated, main
+from trainer.lib.flags import parse_args
+from trainer.lib.lora import build_model
+from trainer.lib.runtime import start_stage
+from trainer.lib.stages import StageError, latest_checkpoint
+from trainer.train_2_sft import SFTArgs, build_trainer, count_truncated, main
 
 SINGLE = [{"role": "user", "content": "What is 2 + 3?"},
           {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."}]

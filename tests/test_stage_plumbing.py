@@ -1,4 +1,4 @@
-"""Shared stage plumbing (trainer/common.py): --config YAML, errors that name the fix, stage discovery."""
+"""Shared stage plumbing (trainer/lib/flags.py, stages.py, runtime.py): --config YAML, errors that name the fix, stage discovery."""
 
 import subprocess
 import sys
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.common import REPO_ROOT, StageError, latest_checkpoint, parse_args, resolve_init, resolve_stage_or_path
+from trainer.lib.flags import parse_args
+from trainer.lib.stages import REPO_ROOT, StageError, latest_checkpoint, resolve_init, resolve_stage_or_path
 from trainer.train_1_pretrain import PretrainArgs
 
 pytestmark = pytest.mark.usefixtures("plumb_single_thread")
@@ -51,7 +52,7 @@ def test_positive_flags_reject_zero_from_cli_and_config(tmp_path, capsys):
 def test_missing_parent_names_the_command(tmp_path):
     args = parse_args(PretrainArgs, ["--out_dir", str(tmp_path)])
     with pytest.raises(StageError, match=r"Create it with: python trainer/train_0_tokenizer.py --out_dir"):
-        resolve_init("pretrain", args)
+        resolve_init("pretrain", args.out_dir, args.init_from)
     with pytest.raises(StageError, match=r"--stage sft: no sft checkpoint .* python trainer/train_2_sft.py"):
         resolve_stage_or_path("sft", tmp_path, flag="--stage")
 
@@ -80,7 +81,7 @@ def test_run_main_destroys_the_process_group_after_a_successful_run(tmp_path):
     """A torchrun worker must not exit with gloo alive: its threads can abort the interpreter's shutdown."""
     import torch.distributed as dist
 
-    from trainer.common import run_main
+    from trainer.lib.runtime import run_main
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -11,13 +11,10 @@ does), so "68" is "6" "8" and arithmetic can be learned digit by digit instead o
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loguru import logger
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -25,24 +22,33 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dataset.chat_template import CHAT_TEMPLATE, ENDOFTEXT, IM_END, SPECIAL_TOKENS
 from dataset.demo import tokenizer_corpus
-from dataset.jsonl import iter_records, load_records
-from trainer.common import StageArgs, StageError, _flag, parse_args, resolve_data, run_main, start_stage
+from dataset.jsonl import iter_records
+from trainer.lib.data import held_out_count, resolve_data
+from trainer.lib.flags import DataFlags, RunFlags, flag, parse_args
+from trainer.lib.report import StageReport
+from trainer.lib.runtime import run_main, start_stage
+from trainer.lib.stages import StageError
 
 
 @dataclass
-class TokenizerArgs(StageArgs):
-    vocab_size: int = _flag(6400, "vocabulary size, special tokens included")
-    min_frequency: int = _flag(2, "a pair must occur this often to be merged")
-    max_texts: int = _flag(2_000_000, "read at most this many training texts")
-    max_eval_texts: int = _flag(2000, "held-out texts used for the compression / round-trip report")
+class TokenizerArgs(RunFlags, DataFlags):
+    vocab_size: int = flag(6400, "vocabulary size, special tokens included")
+    min_frequency: int = flag(2, "a pair must occur this often to be merged")
+    max_texts: int = flag(2_000_000, "read at most this many training texts")
+    max_eval_texts: int = flag(2000, "held-out texts used for the compression / round-trip report")
 
 
-def texts_of(path: Path, skip_bad_lines: bool) -> Iterator[str]:
-    """Plain text from pretraining records or from every message of chat records."""
+def count_records(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def texts_of(path: Path, skip_bad_lines: bool, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Plain text from records start..stop of a file: pretraining records, or every message of chat records."""
     with open(path, "rb") as f:
         first = f.readline()
     kind = "chat" if b'"conversations"' in first else "pretrain"
-    for rec in iter_records(path, kind, skip_bad_lines=skip_bad_lines):
+    for rec in islice(iter_records(path, kind, skip_bad_lines=skip_bad_lines), start, stop):
         if kind == "pretrain":
             yield rec["text"]
         else:
@@ -86,18 +92,28 @@ def main(argv: Sequence[str] | None = None) -> Path:
     run = start_stage("tokenizer", args)
     data = resolve_data(args, "pretrain")
 
-    train_texts = (tokenizer_corpus(run.out_dir / "demo_data") if data.demo
-                   else texts_of(data.train, args.skip_bad_lines))
+    if data.demo:
+        train_texts = tokenizer_corpus(run.out_dir / "demo_data")
+    elif data.eval is not None:
+        train_texts = texts_of(data.train, args.skip_bad_lines)
+    else:  # no held-out file: the tail of the training file is held out, and never trained on
+        n_records = count_records(data.train)
+        n_train = n_records - held_out_count(n_records, args.max_eval_texts)
+        train_texts = texts_of(data.train, args.skip_bad_lines, stop=n_train)
     tokenizer = build_tokenizer(islice(train_texts, args.max_texts), args.vocab_size, args.min_frequency)
     logger.info(f"trained a vocabulary of {len(tokenizer)} tokens (asked for {args.vocab_size})")
 
     if data.eval is not None:
-        eval_texts = [r["text"] for r in load_records(data.eval, "pretrain")[: args.max_eval_texts]]
-    else:  # no held-out file: the tail of the training file is the best we have
-        eval_texts = list(islice(texts_of(data.train, args.skip_bad_lines), args.max_eval_texts))
-    report = compression_report(tokenizer, eval_texts)
-    logger.info(f"held-out: {report['bytes_per_token']:.2f} bytes/token over {report['eval_texts']} texts, "
+        eval_texts = list(islice(texts_of(data.eval, args.skip_bad_lines), args.max_eval_texts))
+    else:
+        eval_texts = list(islice(texts_of(data.train, args.skip_bad_lines, start=n_train), args.max_eval_texts))
+    result = compression_report(tokenizer, eval_texts)
+    logger.info(f"held-out: {result['bytes_per_token']:.2f} bytes/token over {result['eval_texts']} texts, "
                 f"every one round-trips exactly")
+    report = StageReport(run)  # before: raw UTF-8 bytes, one byte per token
+    report.before("bytes_per_token", 1.0, higher_is_better=True)
+    report.after("bytes_per_token", result["bytes_per_token"])
+    report.save(step=0)
 
     out = run.dir
     tokenizer.save_pretrained(out)

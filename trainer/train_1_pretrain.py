@@ -13,13 +13,10 @@ p(token_t | tokens_<t) with cross-entropy; held-out loss is compared with the un
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -28,23 +25,27 @@ from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArgume
 
 import model as mm
 from dataset.pretokenize import PackedBlocks, TokenMemmap, pretokenize
-from trainer.callbacks import SampleCallback, attach_callbacks
-from trainer.common import (StageArgs, StageError, _flag, latest_checkpoint, parse_args, resolve_data, resolve_init, resume_checkpoint,
-                            run_main, start_stage, trainer_kwargs)
+from trainer.lib.callbacks import SampleCallback, attach_callbacks
+from trainer.lib.data import hold_out, resolve_data
+from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
+                               TrainerFlags, flag, parse_args)
+from trainer.lib.report import StageReport
+from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
+from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resume_checkpoint
 
 
 @dataclass
-class PretrainArgs(StageArgs):
-    lr: float = _flag(2e-3, "peak learning rate (cosine schedule with warmup)")
-    batch_size: int = _flag(16, "blocks per device per micro-batch")
-    max_length: int = _flag(256, "block length in tokens")
-    epochs: float = _flag(2.0, "passes over the training tokens")
-    eval_steps: int = _flag(100, "evaluate on held-out blocks every N steps")
-    save_steps: int = _flag(200, "save a checkpoint every N steps (and always at the end)")
-    eval_fraction: float = _flag(0.01, "without held-out data, hold out this share of the blocks")
-    max_eval_blocks: int = _flag(200, "evaluate on at most this many held-out blocks")
-    sample_prompts: str = _flag("Tom has a|Mia went to the|23 + 45 =",
-                                "prompts ('|'-separated) continued at every evaluation")
+class PretrainArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags, TrainerFlags):
+    preset: str = flag("tiny", "model size preset (tiny, small, base, moe, tiny-moe; see model/config.py)")
+    lr: float = flag(2e-3, "peak learning rate (cosine schedule with warmup)")
+    batch_size: int = flag(16, "blocks per device per micro-batch")
+    max_length: int = flag(256, "block length in tokens")
+    epochs: float = flag(2.0, "passes over the training tokens")
+    eval_steps: int = flag(100, "evaluate on held-out blocks every N steps")
+    save_steps: int = flag(200, "save a checkpoint every N steps (and always at the end)")
+    max_eval_blocks: int = flag(200, "evaluate on at most this many held-out blocks")
+    sample_prompts: str = flag("Tom has a|Mia went to the|23 + 45 =",
+                               "prompts ('|'-separated) continued at every evaluation")
 
 
 def token_stream(path: Path, tokenizer, cache_dir: Path) -> TokenMemmap:
@@ -66,17 +67,15 @@ def unigram_loss(tokens: np.ndarray) -> float:
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     args = parse_args(PretrainArgs, argv, __doc__)
     run = start_stage("pretrain", args)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_init("pretrain", args))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_init("pretrain", args.out_dir, args.init_from))
     data = resolve_data(args, "pretrain")
 
     train_tokens = token_stream(data.train, tokenizer, run.dir / "tokens")
     train_set = PackedBlocks(train_tokens, args.max_length)
     if data.eval is not None:
         eval_set = PackedBlocks(token_stream(data.eval, tokenizer, run.dir / "tokens"), args.max_length)
-    else:
-        n_eval = max(1, int(len(train_set) * args.eval_fraction))
-        eval_set = torch.utils.data.Subset(train_set, range(len(train_set) - n_eval, len(train_set)))
-        train_set = torch.utils.data.Subset(train_set, range(len(train_set) - n_eval))
+    else:  # the tail blocks of the stream are held out
+        train_set, eval_set = hold_out(train_set, args.max_eval_blocks)
     eval_set = torch.utils.data.Subset(eval_set, range(min(len(eval_set), args.max_eval_blocks)))
     if len(train_set) == 0:
         raise StageError(f"{data.train} holds fewer than --max_length={args.max_length} tokens: nothing to train on")
@@ -105,12 +104,16 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    prompts = [p for p in args.sample_prompts.split("|") if p.strip()]
-    attach_callbacks(trainer, SampleCallback(trainer, tokenizer, prompts, chat=False))
-    trainer.train(resume_from_checkpoint=resume_checkpoint(run, args))
+    attach_callbacks(trainer, SampleCallback(trainer, tokenizer, args.sample_prompts.split("|"), chat=False))
+    report = StageReport(run, resume=args.resume)
+    # Before: the untrained model, about log(vocab) nats.
+    report.before("eval_loss", lambda: trainer.evaluate()["eval_loss"], higher_is_better=False)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
 
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     metrics = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else trainer.evaluate()
+    report.after("eval_loss", metrics["eval_loss"])
+    report.save(trainer.state.global_step)
     logger.info(f"held-out loss {metrics['eval_loss']:.3f} (perplexity {math.exp(metrics['eval_loss']):.2f}) "
                 f"vs unigram baseline {baseline:.3f}; saved {latest_checkpoint(run.dir)}")
     logger.info("next: python trainer/train_2_sft.py  (or chat: python scripts/test_chat.py --stage pretrain)")

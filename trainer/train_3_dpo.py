@@ -12,7 +12,9 @@ pi_ref is the frozen starting model (the SFT checkpoint, loaded a second time an
 `--sft_weight w` adds w * NLL(chosen) (the RPO / "DPO + SFT" term; trl: loss_type [.., "sft"] with
 loss_weights [1, w]), which keeps the likelihood of the chosen replies from sinking while the margin
 grows. TensorBoard shows rewards/chosen, rewards/rejected, rewards/margins (r_c - r_r) and
-rewards/accuracies (share of pairs with r_c > r_r), for train and eval.
+rewards/accuracies (share of pairs with r_c > r_r), for train and eval. Before and after training the
+stage measures, on the held-out pairs, the preference accuracy (implicit reward, ties 1/2: 0.5 before,
+since the policy is still the reference) and the log-likelihood accuracy (log pi(chosen) > log pi(rejected)).
 
     python trainer/train_3_dpo.py                                # from the latest SFT checkpoint
     python trainer/train_3_dpo.py --loss_type ipo --beta 0.5
@@ -21,12 +23,8 @@ rewards/accuracies (share of pairs with r_c > r_r), for train and eval.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from datasets import Dataset
@@ -35,36 +33,35 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
-from dataset.jsonl import load_records
-from trainer.callbacks import SampleCallback, attach_callbacks
-from trainer.common import (StageArgs, StageError, _flag, latest_checkpoint, parse_args, resolve_data, resolve_init,
-                            resume_checkpoint, run_main, start_stage, trainer_kwargs)
+from trainer.lib.callbacks import SampleCallback, attach_callbacks
+from trainer.lib.data import pair_rows, resolve_data, train_and_eval
+from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
+                               TrainerFlags, flag, parse_args)
+from trainer.lib.metrics import loglik_accuracy, pair_logprobs, preference_accuracy
+from trainer.lib.report import StageReport
+from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
+from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resume_checkpoint
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 @dataclass
-class DPOArgs(StageArgs):
-    lr: float = _flag(2e-5, "peak learning rate (DPO wants a small one: the reference is one step away)")
-    batch_size: int = _flag(16, "preference pairs per device per micro-batch")
-    epochs: float = _flag(1.0, "passes over the training pairs")
-    max_length: int = _flag(256, "tokens per prompt + reply (longer ones keep their start)")
-    warmup_ratio: float = _flag(0.1, "share of steps spent warming the learning rate up")
-    weight_decay: float = _flag(0.0, "AdamW weight decay")
-    eval_steps: int = _flag(50, "evaluate held-out rewards every N steps")
-    save_steps: int = _flag(500, "save a checkpoint every N steps (and always at the end)")
-    beta: float = _flag(0.1, "strength of the pull towards the reference model (higher = stay closer)")
-    loss_type: str = _flag("sigmoid", "preference loss", choices=LOSS_TYPES)
-    label_smoothing: float = _flag(0.0, "assumed share of flipped labels, in [0, 0.5); used by --loss_type robust")
-    sft_weight: float = _flag(0.0, "weight of an extra NLL loss on the chosen replies (RPO); 0 = pure DPO")
-    max_eval_pairs: int = _flag(200, "held-out pairs for the eval rewards")
-    sample_prompts: str = _flag("What is 23 + 45?|Mia has 12 apples. Tom gives her 7 more. How many apples does Mia have now?",
-                                "user messages ('|'-separated) answered at every evaluation")
-
-
-def load_pairs(path: Path, skip_bad_lines: bool, limit: int | None = None) -> Dataset:
-    """A MiniMind dpo jsonl -> {"prompt", "chosen", "rejected"} message lists (trl's conversational preference format)."""
-    return Dataset.from_list(load_records(path, "dpo", skip_bad_lines=skip_bad_lines, limit=limit))
+class DPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags, TrainerFlags):
+    lr: float = flag(2e-5, "peak learning rate (DPO wants a small one: the reference is one step away)")
+    batch_size: int = flag(16, "preference pairs per device per micro-batch")
+    epochs: float = flag(1.0, "passes over the training pairs")
+    max_length: int = flag(256, "tokens per prompt + reply (longer ones keep their start)")
+    warmup_ratio: float = flag(0.1, "share of steps spent warming the learning rate up")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    eval_steps: int = flag(50, "evaluate held-out rewards every N steps")
+    save_steps: int = flag(500, "save a checkpoint every N steps (and always at the end)")
+    beta: float = flag(0.1, "strength of the pull towards the reference model (higher = stay closer)")
+    loss_type: str = flag("sigmoid", "preference loss", choices=LOSS_TYPES)
+    label_smoothing: float = flag(0.0, "assumed share of flipped labels, in [0, 0.5); used by --loss_type robust")
+    sft_weight: float = flag(0.0, "weight of an extra NLL loss on the chosen replies (RPO); 0 = pure DPO")
+    max_eval_pairs: int = flag(200, "held-out pairs for the eval rewards")
+    sample_prompts: str = flag("What is 23 + 45?|Mia has 12 apples. Tom gives her 7 more. How many apples does Mia have now?",
+                               "user messages ('|'-separated) answered at every evaluation")
 
 
 def loss_settings(args: DPOArgs) -> dict:
@@ -87,20 +84,14 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     args = parse_args(DPOArgs, argv, __doc__)
     run = start_stage("dpo", args)
     settings = loss_settings(args)
-    init = resolve_init("dpo", args)
+    init = resolve_init("dpo", args.out_dir, args.init_from)
     data = resolve_data(args, "dpo")
     tokenizer = AutoTokenizer.from_pretrained(init)
     if tokenizer.chat_template is None:
         raise StageError(f"{init}: the tokenizer has no chat template; train it with python trainer/train_0_tokenizer.py")
 
-    train_set = load_pairs(data.train, args.skip_bad_lines)
-    if data.eval is not None:
-        eval_set = load_pairs(data.eval, args.skip_bad_lines, limit=args.max_eval_pairs)
-    else:
-        n_eval = min(args.max_eval_pairs, max(1, len(train_set) // 20))
-        eval_set = train_set.select(range(len(train_set) - n_eval, len(train_set)))
-        train_set = train_set.select(range(len(train_set) - n_eval))
-    logger.info(f"{len(train_set):,} training pairs, {len(eval_set)} held-out pairs; "
+    train_rows, eval_rows = train_and_eval(data, lambda p: pair_rows(p, args.skip_bad_lines), args.max_eval_pairs)
+    logger.info(f"{len(train_rows):,} training pairs, {len(eval_rows)} held-out pairs; "
                 f"loss {'+'.join(settings['loss_type'])} (weights {settings['loss_weights']}), beta {args.beta}")
 
     policy = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
@@ -108,15 +99,28 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     reference.requires_grad_(False)
     config = DPOConfig(**trainer_kwargs(args, run, has_eval=True), max_length=args.max_length,
                        truncation_mode="keep_start", **settings)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=train_set,
-                         eval_dataset=eval_set, processing_class=tokenizer, callbacks=list(callbacks))
-    prompts = [p for p in args.sample_prompts.split("|") if p.strip()]
-    attach_callbacks(trainer, SampleCallback(trainer, tokenizer, prompts, chat=True), perplexity=False)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(run, args))
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer, callbacks=list(callbacks))
+    attach_callbacks(trainer, SampleCallback(trainer, tokenizer, args.sample_prompts.split("|"), chat=True),
+                     perplexity=False)
 
+    ref_logps = pair_logprobs(reference, tokenizer, eval_rows, args.batch_size)
+
+    def measure(lm) -> dict[str, float]:
+        logps = pair_logprobs(lm, tokenizer, eval_rows, args.batch_size)
+        return {"pref_acc": preference_accuracy(*logps, *ref_logps, beta=args.beta)["accuracy"],
+                "loglik_acc": loglik_accuracy(*logps)["accuracy"]}
+
+    report = StageReport(run, resume=args.resume)
+    report.before_each(lambda: measure(policy), higher_is_better=True)  # the policy starts as the reference
+    trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
+
+    for name, value in measure(trainer.model).items():
+        report.after(name, value)
+    report.save(trainer.state.global_step)
     evals = [h for h in trainer.state.log_history if "eval_rewards/accuracies" in h]
     metrics = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else trainer.evaluate()
-    logger.info(f"held-out: reward accuracy {metrics['eval_rewards/accuracies']:.1%}, "
+    logger.info(f"held-out (trl, ties count as wrong): reward accuracy {metrics['eval_rewards/accuracies']:.1%}, "
                 f"margin {metrics['eval_rewards/margins']:.3f} (chosen {metrics['eval_rewards/chosen']:.3f}, "
                 f"rejected {metrics['eval_rewards/rejected']:.3f}); saved {latest_checkpoint(run.dir)}")
     logger.info("next: python trainer/train_4_grpo.py  (measure: python scripts/evaluate.py --stage dpo --task pref_acc)")

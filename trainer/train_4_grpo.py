@@ -18,12 +18,8 @@ rewards and CPU-safe settings, and measures held-out greedy accuracy before and 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -33,93 +29,53 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
-from dataset.jsonl import load_records
-from trainer.callbacks import attach_callbacks
-from trainer.common import (StageArgs, StageError, _flag, latest_checkpoint, parse_args, resolve_data, resolve_init,
-                            resume_checkpoint, run_main, start_stage, trainer_kwargs)
-from trainer.ppo import HeldOutMetricCallback, greedy_accuracy
-from trainer.rewards import load_reward, parse_reward_specs
+from trainer.lib.callbacks import HeldOutMetricCallback, attach_callbacks
+from trainer.lib.data import resolve_data, rl_rows, train_and_eval
+from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
+                               TrainerFlags, flag, merge_repeated_flag, parse_args)
+from trainer.lib.grading import build_rewards
+from trainer.lib.metrics import answer_accuracy
+from trainer.lib.report import StageReport
+from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
+from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resume_checkpoint
 
 # GRPOConfig.loss_type values in trl 1.16 (see its docstring): how token losses are aggregated.
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
 
 @dataclass
-class GRPOArgs(StageArgs):
-    lr: float = _flag(5e-5, "peak learning rate (cosine schedule with warmup)")
-    batch_size: int = _flag(32, "completions per device per step (a multiple of --num_generations)")
-    epochs: float = _flag(1.0, "passes over the prompts")
-    logging_steps: int = _flag(5, "log rewards/KL/lengths every N steps")
-    save_steps: int = _flag(100, "save a checkpoint every N steps (and always at the end)")
-    eval_steps: int = _flag(100, "measure held-out greedy accuracy every N steps (0 = only before and after)")
-    num_generations: int = _flag(8, "group size G: completions sampled per prompt")
-    beta: float = _flag(0.04, "KL coefficient towards the starting model (0 = no reference model, faster)")
-    loss_type: str = _flag("dapo", "how token losses are aggregated (trl's GRPOConfig.loss_type)", choices=LOSS_TYPES)
-    epsilon: float = _flag(0.2, "PPO clip range for the importance ratio")
-    max_completion_length: int = _flag(64, "maximum tokens per sampled completion")
-    temperature: float = _flag(0.7, "sampling temperature for the group (lower = fewer garbled answers, less variety)",
-                                positive=True)
-    reward: str = _flag("correctness,format", "reward functions: comma list (or repeat the flag) of "
-                                              "correctness, format, or package.module:function")
-    reward_weights: str | None = _flag(None, "comma list of weights, one per reward (default: all 1)")
-    max_eval_prompts: int = _flag(200, "held-out prompts for greedy accuracy")
-
-
-def merge_repeated_flag(argv: Sequence[str] | None, flag: str) -> list[str]:
-    """`--reward a --reward b,c` -> `--reward a,b,c` (argparse would keep only the last)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == flag and i + 1 < len(argv):
-            values.append(argv[i + 1])
-            i += 2
-        elif argv[i].startswith(flag + "="):
-            values.append(argv[i].split("=", 1)[1])
-            i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest + ([flag, ",".join(values)] if values else [])
-
-
-def rl_rows(path: Path, skip_bad_lines: bool) -> list[dict]:
-    """RL records as trl's conversational prompt format plus the `gt` column the rewards read."""
-    return [{"prompt": r["prompt"], "gt": r["gt"]} for r in load_records(path, "rl", skip_bad_lines=skip_bad_lines)]
-
-
-def build_rewards(args: GRPOArgs) -> tuple[list, list[float] | None]:
-    specs = parse_reward_specs(args.reward)
-    if not specs:
-        raise StageError("--reward: give at least one reward (correctness, format or package.module:function)")
-    try:
-        funcs = [load_reward(s) for s in specs]
-    except ValueError as e:
-        raise StageError(str(e)) from e
-    weights = None
-    if args.reward_weights:
-        try:
-            weights = [float(w) for w in str(args.reward_weights).split(",") if w.strip()]
-        except ValueError as e:
-            raise StageError(f"--reward_weights {args.reward_weights!r}: not a comma list of numbers") from e
-        if len(weights) != len(funcs):
-            raise StageError(f"--reward_weights has {len(weights)} values for {len(funcs)} rewards ({', '.join(specs)})")
-    return funcs, weights
+class GRPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags, TrainerFlags):
+    lr: float = flag(5e-5, "peak learning rate (cosine schedule with warmup)")
+    batch_size: int = flag(32, "completions per device per step (a multiple of --num_generations)")
+    epochs: float = flag(1.0, "passes over the prompts")
+    logging_steps: int = flag(5, "log rewards/KL/lengths every N steps")
+    save_steps: int = flag(100, "save a checkpoint every N steps (and always at the end)")
+    eval_steps: int = flag(100, "measure held-out greedy accuracy every N steps (0 = only before and after)")
+    num_generations: int = flag(8, "group size G: completions sampled per prompt")
+    beta: float = flag(0.04, "KL coefficient towards the starting model (0 = no reference model, faster)")
+    loss_type: str = flag("dapo", "how token losses are aggregated (trl's GRPOConfig.loss_type)", choices=LOSS_TYPES)
+    epsilon: float = flag(0.2, "PPO clip range for the importance ratio")
+    max_completion_length: int = flag(64, "maximum tokens per sampled completion")
+    temperature: float = flag(0.7, "sampling temperature for the group (lower = fewer garbled answers, less variety)",
+                              positive=True)
+    reward: str = flag("correctness,format", "reward functions: comma list (or repeat the flag) of "
+                                             "correctness, format, or package.module:function")
+    reward_weights: str | None = flag(None, "comma list of weights, one per reward (default: all 1)")
+    max_eval_prompts: int = flag(200, "held-out prompts for greedy accuracy")
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> GRPOTrainer:
     args = parse_args(GRPOArgs, merge_repeated_flag(argv, "--reward"), __doc__)
     run = start_stage("grpo", args)
-    init = resolve_init("grpo", args)
+    init = resolve_init("grpo", args.out_dir, args.init_from)
     data = resolve_data(args, "rl")
-    reward_funcs, reward_weights = build_rewards(args)
+    try:
+        reward_funcs, reward_weights = build_rewards(args.reward, args.reward_weights)
+    except ValueError as e:
+        raise StageError(str(e)) from e
 
-    train_rows = rl_rows(data.train, args.skip_bad_lines)
-    if data.eval is not None:
-        eval_rows = rl_rows(data.eval, args.skip_bad_lines)
-    else:  # hold out the tail of --data
-        n_eval = min(args.max_eval_prompts, max(1, len(train_rows) // 10))
-        train_rows, eval_rows = train_rows[:-n_eval], train_rows[-n_eval:]
-    eval_rows = [r for r in eval_rows if r["gt"]][: args.max_eval_prompts]
+    train_rows, eval_rows = train_and_eval(data, lambda p: rl_rows(p, args.skip_bad_lines), args.max_eval_prompts)
+    eval_rows = [r for r in eval_rows if r["gt"]]
     graded = sum(bool(r["gt"]) for r in train_rows)
     if not train_rows:
         raise StageError(f"{data.train}: no RL prompts to train on")
@@ -160,14 +116,16 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     prompts, golds = [r["prompt"] for r in eval_rows], [r["gt"] for r in eval_rows]
     heldout = HeldOutMetricCallback(
         trainer, "eval/accuracy", every=args.eval_steps,
-        measure=lambda m: greedy_accuracy(m, tokenizer, prompts, golds, args.max_completion_length) if prompts else None)
+        measure=lambda m: (answer_accuracy(m, tokenizer, prompts, golds, args.max_completion_length)["accuracy"]
+                           if prompts else None))
     attach_callbacks(trainer, heldout, perplexity=False)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(run, args))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
 
     if len(heldout.history) >= 2:
-        (s0, before), (s1, after) = heldout.history[0], heldout.history[-1]
-        logger.info(f"held-out greedy accuracy: {before:.3f} at step {s0} -> {after:.3f} at step {s1} "
-                    f"({len(eval_rows)} prompts)")
+        report = StageReport(run, resume=args.resume)
+        report.before("accuracy", heldout.history[0][1], higher_is_better=True)
+        report.after("accuracy", heldout.history[-1][1])
+        report.save(trainer.state.global_step)
     logger.info(f"saved {latest_checkpoint(run.dir)}")
     logger.info("next: python trainer/train_5_reward.py  (reward model for PPO)")
     return trainer

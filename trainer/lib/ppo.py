@@ -5,8 +5,9 @@ the next token, pi(a_t | s_t) = softmax(logits / temperature). A rollout samples
 each prompt; a reward arrives at the end (a reward-model score, or a rule such as correctness).
 PPO (Schulman et al. 2017) as applied to LMs (Ziegler et al. 2019, Ouyang et al. 2022) then:
 
-    1. rollout:    completions ~ pi_old(. | prompt)                        generate_completions
-    2. score:      logp_old, logp_ref, values V(s_t), final score R         token_logprobs, score_with_reward_model
+    1. rollout:    completions ~ pi_old(. | prompt)                        generation.generate
+    2. score:      logp_old, logp_ref, values V(s_t), final score R         token_logprobs, token_values,
+                                                                            reward_model.reward_scores
     3. rewards:    r_t = -beta * KL_t  (+ R at the last completion token)  kl_k1 / kl_k3, per_token_rewards
     4. advantages: A_t by GAE over the completion tokens, whitened          gae, whiten
     5. update:     a few epochs over minibatches of the clipped surrogate  policy_loss, value_loss,
@@ -16,23 +17,18 @@ Shapes: B = rollouts, C = completion tokens (right-padded), V = vocabulary. Ever
 here is in the *action frame*: index t is the t-th completion token, and `mask` [B, C] is 1 for
 tokens the policy wrote (up to and including its <|im_end|>), 0 for padding after it.
 
-The rollout, reward-model and held-out helpers at the end (generate_completions, greedy_accuracy,
-score_with_reward_model, reward_model_accuracy, HeldOutMetricCallback) are shared with the GRPO
-and reward-model stages.
+The loop that strings these together (state, one step, save and resume) is trainer/lib/ppo_trainer.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from loguru import logger
-from transformers import TrainerCallback
-from transformers.integrations import TensorBoardCallback
 
+from trainer.lib.generation import Generation, position_ids_from_mask
 
 # ---------------------------------------------------------------------------------------------
 # Masked statistics
@@ -258,93 +254,10 @@ class AdaptiveKLController:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rollouts
+# Scoring a rollout: log-probabilities and values per completion token
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Rollout:
-    """A batch of prompt + completion sequences, prompts left-padded to P, completions right-padded to C.
-
-    input_ids, attention_mask: [B, P + C]; completion_mask: [B, C] (action frame: 1 up to and
-    including the first <|im_end|>); finished: [B] (the completion ended with <|im_end|>)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
-    finished: torch.Tensor
-    prompt_length: int
-    texts: list[str]
-
-    @property
-    def completion_ids(self) -> torch.Tensor:
-        return self.input_ids[:, self.prompt_length:]
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> ids [B, P] and mask [B, P], padded on the left so every row ends where
-    generation continues."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if len(s):
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
-
-
-def completion_mask_until_eos(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 for every token up to and including the first `eos_id`, 0 after: [B, C] -> (mask [B, C],
-    finished [B])."""
-    is_eos = completion_ids == eos_id
-    eos_seen_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    return (eos_seen_before == 0).long(), is_eos.any(dim=1)
-
-
-def prompt_token_ids(tokenizer, prompts: Sequence) -> list[list[int]]:
-    """Chat prompts (lists of messages) through the chat template with the assistant header
-    appended; plain strings are tokenized as they are."""
-    out = []
-    for p in prompts:
-        if isinstance(p, str):
-            out.append(tokenizer(p, add_special_tokens=False)["input_ids"])
-        else:
-            out.append(list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=True)["input_ids"]))
-    return out
-
-
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompts: Sequence, max_new_tokens: int, temperature: float = 1.0,
-                         greedy: bool = False) -> Rollout:
-    """Sample (or greedily decode) one completion per prompt with `generate()` and its KV cache.
-
-    Sampling uses the plain softmax(logits / temperature): no top-k/top-p, so the log-probabilities
-    computed later by `token_logprobs` are those of the distribution that produced the tokens."""
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompt_token_ids(tokenizer, prompts), tokenizer.pad_token_id)
-    ids, mask = ids.to(device), mask.to(device)
-    was_training = model.training
-    model.eval()
-    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         do_sample=not greedy, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **sampling)
-    model.train(was_training)
-    completion = out[:, ids.shape[1]:]
-    completion_mask, finished = completion_mask_until_eos(completion, tokenizer.eos_token_id)
-    completion = torch.where(completion_mask.bool(), completion, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-    return Rollout(torch.cat([ids, completion], 1), torch.cat([mask, completion_mask], 1),
-                   completion_mask, finished, ids.shape[1], texts)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so a left-padded row starts at position 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def token_logprobs(model, rollout: Rollout, temperature: float = 1.0,
+def token_logprobs(model, rollout: Generation, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(a_t | s_t) for every completion token [B, C] (and the entropy of pi(. | s_t) [B, C]).
 
@@ -359,132 +272,11 @@ def token_logprobs(model, rollout: Rollout, temperature: float = 1.0,
     return logp, entropy_from_logits(logits) if with_entropy else None
 
 
-def token_values(critic, rollout: Rollout) -> torch.Tensor:
-    """V(s_t) for every completion token [B, C]: the value head read at the position just before
-    token t (the state in which the token is chosen)."""
+def token_values(critic, rollout: Generation) -> torch.Tensor:
+    """V(s_t) for every completion token [B, C]: the critic's per-position head
+    (`MiniMindForSequenceClassification.token_values`) read just before token t, the state in which
+    the token is chosen."""
     C = rollout.completion_mask.shape[1]
-    hidden = critic.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
-                          position_ids=position_ids_from_mask(rollout.attention_mask),
-                          use_cache=False).last_hidden_state
-    return critic.score(hidden[:, -C - 1:-1])[..., 0].float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Reward-model scores and held-out measurements
-# ---------------------------------------------------------------------------------------------
-
-def conversation_text(prompt, completion: str) -> list[dict] | str:
-    """The prompt with the completion appended as the assistant turn (or the concatenated string)."""
-    if isinstance(prompt, str):
-        return prompt + completion
-    return list(prompt) + [{"role": "assistant", "content": completion}]
-
-
-@torch.no_grad()
-def score_with_reward_model(reward_model, tokenizer, prompts: Sequence, completions: Sequence[str],
-                            batch_size: int = 16) -> torch.Tensor:
-    """r(prompt, completion) for each pair [B]: the whole conversation goes through the chat template
-    exactly as trl's RewardTrainer formats its training pairs, right-padded; the score head is read
-    at each row's last real token."""
-    device = next(reward_model.parameters()).device
-    was_training = reward_model.training
-    reward_model.eval()
-    scores = []
-    for i in range(0, len(completions), batch_size):
-        rows = []
-        for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size]):
-            conv = conversation_text(p, c)
-            if isinstance(conv, str):
-                rows.append(tokenizer(conv + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
-            else:
-                rows.append(list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, :len(r)] = torch.tensor(r)
-            mask[j, :len(r)] = 1
-        logits = reward_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        scores.append(logits[:, 0].float().cpu())
-    reward_model.train(was_training)
-    return torch.cat(scores) if scores else torch.zeros(0)
-
-
-@torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: Sequence, max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy answers to every prompt, decoded in batches."""
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        texts += generate_completions(model, tokenizer, prompts[i:i + batch_size], max_new_tokens, greedy=True).texts
-    return texts
-
-
-def greedy_accuracy(model, tokenizer, prompts: Sequence, golds: Sequence[Sequence[str]], max_new_tokens: int,
-                    batch_size: int = 32) -> float:
-    """Share of prompts whose greedy answer is correct by trainer.answers.is_correct."""
-    from trainer.answers import is_correct
-
-    if not prompts:
-        return float("nan")
-    texts = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return sum(is_correct(t, g) for t, g in zip(texts, golds)) / len(prompts)
-
-
-def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:
-    """Share of preference pairs the reward model orders correctly: mean(r(chosen) > r(rejected)).
-    A tie counts as wrong (a constant model scores 0, not 0.5)."""
-    if len(chosen_scores) == 0:
-        return float("nan")
-    return (chosen_scores > rejected_scores).float().mean().item()
-
-
-def reward_model_accuracy(reward_model, tokenizer, pairs: Sequence[dict], batch_size: int = 16) -> float:
-    """Pairwise accuracy on records `{"prompt": [messages], "chosen": [message], "rejected": [message]}`
-    (dataset.jsonl's "dpo" kind); each answer is scored in its full conversation."""
-    prompts = [p["prompt"] for p in pairs]
-    chosen = score_with_reward_model(reward_model, tokenizer, prompts, [p["chosen"][-1]["content"] for p in pairs], batch_size)
-    rejected = score_with_reward_model(reward_model, tokenizer, prompts, [p["rejected"][-1]["content"] for p in pairs], batch_size)
-    return pairwise_accuracy(chosen, rejected)
-
-
-class HeldOutMetricCallback(TrainerCallback):
-    """For trl stages: `measure(model) -> float | None` on held-out data at the start of training,
-    every `every` steps (0 = never) and at the end, on the main process; logged and written to
-    TensorBoard under `tag`. `history` = [(step, value)]: first = before, last = after."""
-
-    def __init__(self, trainer, tag: str, measure: Callable[[torch.nn.Module], float | None], every: int = 0) -> None:
-        self.trainer, self.tag, self.measure, self.every = trainer, tag, measure, every
-        self.history: list[tuple[int, float]] = []
-        self._written = 0
-
-    def _measure(self, state, model) -> None:
-        if not state.is_world_process_zero or model is None:
-            return
-        if self.history and self.history[-1][0] == state.global_step:
-            return
-        value = self.measure(model)
-        if value is not None:
-            self.history.append((state.global_step, value))
-            logger.info(f"step {state.global_step}: held-out {self.tag.split('/')[-1]} {value:.4f}")
-
-    def _write(self) -> None:
-        writer = next((cb.tb_writer for cb in self.trainer.callback_handler.callbacks
-                       if isinstance(cb, TensorBoardCallback)), None)
-        if writer is None:  # not created yet (train begin) or no TensorBoard: written later
-            return
-        for step, value in self.history[self._written:]:
-            writer.add_scalar(self.tag, value, step)
-        self._written = len(self.history)
-        writer.flush()
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-        self._measure(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
-        if self.every > 0 and state.global_step % self.every == 0:
-            self._measure(state, model)
-        self._write()
-
-    def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
-        self._measure(state, model)
-        self._write()  # our callbacks run before the TensorBoard callback closes its writer
+    values = critic.token_values(rollout.input_ids, rollout.attention_mask,
+                                 position_ids=position_ids_from_mask(rollout.attention_mask), positions=slice(-C - 1, -1))
+    return values.float()

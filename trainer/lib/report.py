@@ -1,0 +1,80 @@
+"""Every stage's held-out result, before and after training, in one small file.
+
+`<out_dir>/<stage>/metrics.json` = {"<metric>": {"before": x, "after": y, "higher_is_better": bool}}:
+"before" is the model the stage starts from (pretraining: the untrained model; SFT, DPO, ...: the
+parent checkpoint), "after" the model it saves. The same figures go to the log and to TensorBoard
+(`heldout/<metric>` at step 0 and at the last step). On `--resume` the "before" of the first run is
+kept, so the file always compares the stage's start with its end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from trainer.lib.runtime import StageRun, is_main_process
+
+METRICS_FILE = "metrics.json"
+
+
+def read_metrics(stage_dir: Path) -> dict[str, dict]:
+    """A stage's metrics.json ({} when the stage has not written one)."""
+    path = stage_dir / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@dataclass
+class StageReport:
+    run: StageRun
+    resume: bool = False
+    metrics: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.earlier = read_metrics(self.run.dir) if self.resume else {}
+
+    def before(self, name: str, value: float | Callable[[], float], higher_is_better: bool) -> float:
+        """Record the starting value, or measure it by calling `value()`; on --resume the first run's
+        value is kept and nothing is measured. Returns it."""
+        earlier = self.earlier.get(name, {}).get("before")
+        if earlier is None:
+            earlier = value() if callable(value) else value
+        self.metrics[name] = {"before": earlier, "after": None, "higher_is_better": higher_is_better}
+        return earlier
+
+    def before_each(self, measure: Callable[[], dict[str, float]], higher_is_better: bool) -> None:
+        """`before` for several metrics measured by one call (not made when --resume found them)."""
+        known = {k: m["before"] for k, m in self.earlier.items() if m.get("before") is not None}
+        for name, value in (known or measure()).items():
+            self.before(name, value, higher_is_better)
+
+    def after(self, name: str, value: float) -> None:
+        self.metrics[name]["after"] = value
+
+    def save(self, step: int) -> Path:
+        """Write metrics.json, log one line per metric and add `heldout/<metric>` to TensorBoard."""
+        path = self.run.dir / METRICS_FILE
+        if not is_main_process():
+            return path
+        path.write_text(json.dumps(self.metrics, indent=1) + "\n")
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(self.run.dir / "runs")) as writer:
+            for name, m in self.metrics.items():
+                if m["before"] is not None:
+                    writer.add_scalar(f"heldout/{name}", m["before"], 0)
+                if m["after"] is not None:
+                    writer.add_scalar(f"heldout/{name}", m["after"], step)
+        for name, m in self.metrics.items():
+            better = "higher" if m["higher_is_better"] else "lower"
+            logger.info(f"held-out {name}: {_fmt(m['before'])} before -> {_fmt(m['after'])} after "
+                        f"({better} is better)")
+        logger.info(f"wrote {path}")
+        return path
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"

@@ -1,0 +1,112 @@
+"""The course's stages, in order, and the checkpoints they leave for each other.
+
+Every stage writes `<out_dir>/<stage>/checkpoint-<step>/` (a loadable model dir; the tokenizer stage
+writes `<out_dir>/tokenizer/`), and starts from its parent's latest output unless `--init_from`
+names another. A missing parent is a `StageError` that names the command creating it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from loguru import logger
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class StageError(Exception):
+    """An error the user can fix; printed as one clear message, without a traceback."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    script: str
+    parent: str | None
+
+
+# Course order. `parent` is where a stage starts from by default (PPO also reads the reward model).
+# The VLM stage (trainer/train_7_vlm.py) is not written yet, so it is not registered.
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("tokenizer", "trainer/train_0_tokenizer.py", None),
+    Stage("pretrain", "trainer/train_1_pretrain.py", "tokenizer"),
+    Stage("sft", "trainer/train_2_sft.py", "pretrain"),
+    Stage("dpo", "trainer/train_3_dpo.py", "sft"),
+    Stage("grpo", "trainer/train_4_grpo.py", "dpo"),
+    Stage("reward", "trainer/train_5_reward.py", "sft"),
+    Stage("ppo", "trainer/train_6_ppo.py", "dpo"),
+]}
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
+    """Every complete `checkpoint-<step>` as (step, path), oldest first (a dir without config.json
+    is a save that was cut off, and is ignored)."""
+    if not stage_dir.is_dir():
+        return []
+    return sorted((int(m[1]), p) for p in stage_dir.iterdir()
+                  if (m := CHECKPOINT_RE.match(p.name)) and (p / "config.json").is_file())
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The complete `checkpoint-<step>` with the highest step, or None."""
+    found = checkpoints(stage_dir)
+    return found[-1][1] if found else None
+
+
+def stage_output(out_dir: Path, stage: str) -> Path | None:
+    """What a finished stage leaves for the next: the tokenizer dir, or the latest checkpoint."""
+    if stage == "tokenizer":
+        path = out_dir / "tokenizer"
+        return path if (path / "tokenizer.json").is_file() else None
+    return latest_checkpoint(out_dir / stage)
+
+
+def creating_command(stage: str, out_dir: Path) -> str:
+    cmd = f"python {STAGES[stage].script}"
+    return cmd if str(out_dir) == "training" else f"{cmd} --out_dir {out_dir}"
+
+
+def resolve_stage_or_path(value: str, out_dir: Path, flag: str = "--init_from") -> Path:
+    """`--init_from` (or another `flag`) value -> a model/tokenizer dir: a stage name, a stage dir, or a model dir."""
+    if value in STAGES:
+        found = stage_output(out_dir, value)
+        if found is None:
+            raise StageError(f"{flag} {value}: no {value} checkpoint under {out_dir / value}. "
+                             f"Create it with: {creating_command(value, out_dir)}")
+        return found
+    path = Path(value)
+    if not path.exists():
+        raise StageError(f"{flag} {value}: neither a stage name ({', '.join(STAGES)}) nor an existing path")
+    return latest_checkpoint(path) or path
+
+
+def resolve_init(stage: str, out_dir: str | Path, init_from: str | None = None, parent: str | None = None) -> Path:
+    """The checkpoint a stage starts from: `init_from`, else its parent stage's latest output."""
+    out_dir = Path(out_dir)
+    if init_from:
+        path = resolve_stage_or_path(init_from, out_dir)
+    else:
+        parent = parent or STAGES[stage].parent
+        assert parent is not None, f"stage {stage} has no parent"
+        path = stage_output(out_dir, parent)
+        if path is None:
+            raise StageError(f"stage {stage} starts from the {parent} stage, but {out_dir / parent} has no "
+                             f"{'tokenizer' if parent == 'tokenizer' else 'checkpoint'} yet. "
+                             f"Create it with: {creating_command(parent, out_dir)}")
+    logger.info(f"starting from {path}")
+    return path
+
+
+def resume_checkpoint(stage_dir: Path, resume: bool, needs: str = "config.json") -> Path | None:
+    """With --resume, the latest checkpoint of this very stage (error if there is none)."""
+    if not resume:
+        return None
+    ckpt = latest_checkpoint(stage_dir)
+    if ckpt is None or not (ckpt / needs).is_file():
+        raise StageError(f"--resume: no checkpoint in {stage_dir} to resume from; run without --resume first")
+    logger.info(f"resuming from {ckpt}")
+    return ckpt
