@@ -24,7 +24,6 @@ greedy answers before, during and after training.
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from trainer.lib.data import resolve_data, rl_rows, train_and_eval
 from trainer.lib.flags import CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags, flag, parse_args
 from trainer.lib.grading import load_reward
 from trainer.lib.ppo import KL_ESTIMATORS
-from trainer.lib.ppo_trainer import STATE_FILE, PPOState, evaluate, ppo_step
+from trainer.lib.ppo_trainer import STATE_FILE, PPOState, batch_for_step, evaluate, ppo_step
 from trainer.lib.report import StageReport
 from trainer.lib.runtime import all_mean, init_distributed, is_main_process, run_main, start_stage
 from trainer.lib.stages import StageError, resolve_init, resolve_stage_or_path, resume_checkpoint
@@ -74,18 +73,6 @@ class PPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, Ha
     rule_reward: str | None = flag(None, "also add a rule reward: correctness, format or package.module:function")
     rule_reward_weight: float = flag(1.0, "weight of --rule_reward")
     max_eval_prompts: int = flag(64, "held-out prompts for the reward-model score")
-
-
-def batch_for_step(rows: Sequence[dict], step: int, batch_size: int, seed: int) -> list[dict]:
-    """The prompts of PPO step `step` (0-based): the rows in a fresh seeded order every epoch,
-    cycling, so any step can be recomputed after --resume."""
-    out = []
-    for k in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(k, len(rows))
-        order = list(range(len(rows)))
-        random.Random(seed + epoch).shuffle(order)
-        out.append(rows[order[i]])
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

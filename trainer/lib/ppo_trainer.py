@@ -12,6 +12,7 @@ Everything in ppo_state.pt is tensors and plain values, loaded with `weights_onl
 
 from __future__ import annotations
 
+import random
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -128,6 +129,18 @@ class PPOState:
         if not rng_file.is_file():
             raise StageError(f"--resume: {rng_file} is missing (was the run saved with another number of processes?)")
         set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+def batch_for_step(rows: Sequence[dict], step: int, batch_size: int, seed: int) -> list[dict]:
+    """The prompts of PPO step `step` (0-based): the rows in a fresh seeded order every epoch,
+    cycling, so any step can be recomputed after --resume."""
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(k, len(rows))
+        order = list(range(len(rows)))
+        random.Random(seed + epoch).shuffle(order)
+        out.append(rows[order[i]])
+    return out
 
 
 def ppo_step(state: PPOState, rows: Sequence[dict], args: Any,
