@@ -129,3 +129,23 @@ def test_torchrun_two_processes(plumb_corpus, plumb_tokenizer_out, torchrun, tmp
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert state["num_input_tokens_seen"] == 2 * 2 * 32 * 2  # both processes' tokens: 2 ranks x 2 blocks x 32 x 2 steps
+
+
+def test_pretrain_reports_held_out_loss_before_and_after(plumb_pretrain):
+    """metrics.json: the untrained model's held-out loss (about ln(vocab)) and the trained one's, which
+    is lower and equals the final evaluation; the same pair is in TensorBoard as heldout/eval_loss."""
+    import json
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, trainer = plumb_pretrain
+    m = json.loads((out / "pretrain" / "metrics.json").read_text())["eval_loss"]
+    assert m["higher_is_better"] is False
+    assert abs(m["before"] - math.log(len(trainer.processing_class))) < 0.5
+    final = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h][-1]
+    assert m["after"] == final < m["before"]
+    acc = EventAccumulator(str(out / "pretrain" / "runs"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("heldout/eval_loss")] == [
+        (0, round(m["before"], 5)), (8, round(m["after"], 5))]
