@@ -106,16 +106,15 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
 
     ref_logps = pair_logprobs(reference, tokenizer, eval_rows, args.batch_size)
 
-    def measure(lm) -> dict[str, float]:
-        logps = pair_logprobs(lm, tokenizer, eval_rows, args.batch_size)
+    def scores(logps) -> dict[str, float]:
         return {"pref_acc": preference_accuracy(*logps, *ref_logps, beta=args.beta)["accuracy"],
                 "loglik_acc": loglik_accuracy(*logps)["accuracy"]}
 
     report = StageReport(run, resume=args.resume)
-    report.before_each(lambda: measure(policy), higher_is_better=True)  # the policy starts as the reference
+    report.before_each(lambda: scores(ref_logps), higher_is_better=True)  # the policy starts as the reference
     trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
 
-    for name, value in measure(trainer.model).items():
+    for name, value in scores(pair_logprobs(trainer.model, tokenizer, eval_rows, args.batch_size)).items():
         report.after(name, value)
     report.save(trainer.state.global_step)
     evals = [h for h in trainer.state.log_history if "eval_rewards/accuracies" in h]
