@@ -119,6 +119,32 @@ def extract_answer(text: str) -> str | None:
     return answer or None
 
 
+SKILLS = ("copy", "one_digit_arith", "arith", "one_digit_word", "word", "two_step", "follow_up")
+
+
+def skill_of(question: str) -> str:
+    """The skill a demo question asks for, read from its text (for a per-skill accuracy breakdown).
+
+    ``copy``: the answer is a name, colour or place stated in the question; ``one_digit_arith`` /
+    ``arith``: bare arithmetic with one-digit / larger numbers; ``one_digit_word`` / ``word``: a
+    one-step word problem; ``two_step``: two operations in a row; ``follow_up``: a second turn that
+    builds on the previous answer. Any other text (not a demo question) is ``other``.
+    """
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    if re.search(r"^(Now add|Now take away|And what colour)", question):
+        return "follow_up"
+    if re.search(r"What colour is|Who has the|Where did", question):
+        return "copy"
+    if len(numbers) == 3:
+        return "two_step"
+    if len(numbers) != 2:
+        return "other"
+    small = all(n < 10 for n in numbers)
+    if re.search(r"How many", question):
+        return "one_digit_word" if small else "word"
+    return "one_digit_arith" if small else "arith"
+
+
 def word_tokens(text: str) -> list[str]:
     """A crude tokenizer: words, single digits and punctuation marks (a stand-in for BPE counts)."""
     return re.findall(r"[A-Za-z']+|\d|[^\sA-Za-z\d]", text)

@@ -8,7 +8,7 @@
     python scripts/evaluate.py --stage reward --task rm_acc                # reward model on held-out pairs
     python scripts/evaluate.py --stage ppo --task rm_score --reward_model reward
 
-Tasks (trainer/evaluation.py, TASKS): ppl, answer_acc, pref_acc, loglik_acc; math_acc, rm_acc, rm_score (RL).
+Tasks (trainer/lib/tasks.py, TASKS): ppl, answer_acc, pref_acc, loglik_acc; math_acc, rm_acc, rm_score (RL).
 Without --data a task reads the demo world's held-out file (generated into <out_dir>/demo_data/).
 """
 

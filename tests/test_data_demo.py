@@ -11,9 +11,11 @@ from dataset.demo import (
     NAMES,
     OBJECTS,
     PLACES,
+    SKILLS,
     DemoSizes,
     extract_answer,
     rl_prompts,
+    skill_of,
     split_of,
     _shared,
     tokenizer_corpus,
@@ -224,3 +226,29 @@ def test_tokenizer_corpus_is_train_only(tmp_path):
     assert len(corpus) > SMALL.pretrain_train + 2 * SMALL.sft_train
     assert not eval_prompts & set(corpus)
     assert _jsonl(paths["pretrain_train"])[0]["text"] == corpus[0]
+
+
+@pytest.mark.parametrize("question, skill", [
+    ("Ben has a yellow cup and Amy has a pink pen. Who has the yellow cup?", "copy"),
+    ("Tom went to the park and Mia went to the zoo. Where did Mia go?", "copy"),
+    ("What is 3 + 4?", "one_digit_arith"),
+    ("Compute 33 + 11.", "arith"),
+    ("Tom has 3 eggs. Mia gives him 4 more. How many eggs does Tom have now?", "one_digit_word"),
+    ("Tom has 23 eggs. Mia gives him 45 more. How many eggs does Tom have now?", "word"),
+    ("What is 23 + 45 - 17?", "two_step"),
+    ("Now add 12 to that.", "follow_up"),
+    ("Tell me a joke.", "other"),
+])
+def test_skill_of_reads_the_skill_from_the_question(question, skill):
+    assert skill_of(question) == skill
+
+
+def test_every_demo_question_has_a_skill(data_demo_dir):
+    """A new question template must be given a skill, or the per-skill report silently lumps it in 'other'."""
+    seen = set()
+    for name in ("sft_train", "sft_eval"):
+        for line in data_demo_dir[name].read_text().splitlines():
+            users = [m["content"] for m in json.loads(line)["conversations"] if m["role"] == "user"]
+            seen.add(skill_of(users[-1]))
+    assert "other" not in seen
+    assert seen == set(SKILLS)

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import model as mm  # noqa: F401
 from conftest import load_script
 from trainer.lib.generation import chat_ids
-from trainer.lib.metrics import (answer_accuracy, answer_items, completion_logprobs, loglik_accuracy, perplexity,
-                                 preference_accuracy)
+from trainer.lib.metrics import (accuracy_by_skill, answer_accuracy, answer_items, binomial_stderr, completion_logprobs,
+                                 loglik_accuracy, perplexity, preference_accuracy)
 from trainer.lib.stages import StageError
 from trainer.lib.tasks import TASKS, EvalRequest, register_task, resolve_ref
 
@@ -40,6 +40,18 @@ def test_preference_accuracy_on_a_hand_built_case():
     assert same["accuracy"] == 0.5 and same["margin"] == 0.0  # a model against itself: chance
     ll = loglik_accuracy(t([-1.0, -5.0, -2.0, -4.0]), t([-2.0, -1.0, -3.0, -4.0]))
     assert ll["accuracy"] == pytest.approx(2.5 / 4) and ll["logp_gap"] == pytest.approx((1 - 4 + 1 + 0) / 4)
+
+
+def test_accuracy_by_skill_groups_questions_and_stderr_is_binomial():
+    ask = [[{"role": "user", "content": q}] for q in (
+        "What is 23 + 45?", "What is 12 + 39?", "What is 3 + 4?",
+        "Ben has a red cup and Amy has a pink pen. Who has the red cup?")]
+    by = accuracy_by_skill(ask, [True, False, True, False])
+    assert by == {"arith": {"n": 2, "accuracy": 0.5}, "one_digit_arith": {"n": 1, "accuracy": 1.0},
+                  "copy": {"n": 1, "accuracy": 0.0}}
+    assert accuracy_by_skill([[{"role": "user", "content": "Tell me a story."}]], [True]) == {}
+    assert binomial_stderr(0.3, 200) == pytest.approx(math.sqrt(0.3 * 0.7 / 200))
+    assert binomial_stderr(1.0, 50) == 0.0
 
 
 def test_completion_logprobs_sum_the_reply_tokens_only(stage_out_dir):

@@ -5,7 +5,8 @@ the stages (before and after training), by the evaluation tasks of scripts/evalu
   ppl = exp( sum_d sum_t -log p(x_t | x_<t) / number of predicted tokens ). Each document is followed
   by <|im_end|> (the pretraining separator) and cut at `max_length` tokens.
 - `answer_accuracy`: greedy-decode a reply to every prompt, then `grading.grade` it (final-answer
-  extraction + math-verify). accuracy = #correct / n; answered = share that state a final answer.
+  extraction + math-verify). accuracy = #correct / n; answered = share that state a final answer;
+  stderr = sqrt(p (1 - p) / n); by_skill = the same accuracy per demo skill (`dataset.demo.skill_of`).
 - `completion_logprobs`: log pi(y | x) = sum over the completion's tokens of log p(y_t | x, y_<t),
   with x and y rendered by the chat template exactly as trl's DPOTrainer renders them.
 - `pairwise_accuracy`: the share of pairs whose first score beats the second,
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dataset.demo import skill_of
 from trainer.lib.generation import GREEDY, Messages, chat_ids, generate, pad
 from trainer.lib.grading import final_answer, grade
 from trainer.lib.stages import StageError
@@ -60,6 +62,23 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 256, ba
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
 
 
+def binomial_stderr(p: float, n: int) -> float:
+    """Standard error sqrt(p (1 - p) / n) of an accuracy p measured on n independent questions:
+    at n = 200 and p = 0.3 it is 0.032, so a 3-point change is within noise."""
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def accuracy_by_skill(prompts: Sequence[Messages], correct: Sequence[bool]) -> dict[str, dict[str, float]]:
+    """{skill: {"n", "accuracy"}} by `dataset.demo.skill_of` of each prompt's last user message;
+    empty when no prompt is a demo question (real data)."""
+    groups: dict[str, list[bool]] = {}
+    for p, c in zip(prompts, correct):
+        groups.setdefault(skill_of(p[-1]["content"]), []).append(bool(c))
+    if set(groups) <= {"other"}:
+        return {}
+    return {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(groups.items())}
+
+
 def answer_accuracy(model, tokenizer, prompts: Sequence[Messages], golds: Sequence[Sequence[str]],
                     max_new_tokens: int = 48, batch_size: int = 32) -> dict[str, Any]:
     """Greedy replies graded by `grading.grade`. Returns accuracy, answered share, n, the replies and
@@ -67,7 +86,8 @@ def answer_accuracy(model, tokenizer, prompts: Sequence[Messages], golds: Sequen
     replies = generate(model, tokenizer, prompts, max_new_tokens, GREEDY, batch_size).texts
     g = grade(replies, golds)
     return {
-        "accuracy": g["accuracy"], "answered": g["answered"], "n": g["n"], "replies": replies,
+        "accuracy": g["accuracy"], "stderr": binomial_stderr(g["accuracy"], g["n"]), "answered": g["answered"],
+        "n": g["n"], "by_skill": accuracy_by_skill(prompts, g["correct"]), "replies": replies,
         "examples": [{"prompt": p[-1]["content"], "reply": r, "gold": list(gold), "correct": c}
                      for p, r, gold, c in list(zip(prompts, replies, golds, g["correct"]))[:3]],
     }

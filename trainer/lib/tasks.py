@@ -91,7 +91,8 @@ def _answer_accuracy(req: EvalRequest, key: str) -> dict[str, Any]:
     prompts, golds = answer_items(req.data, req.limit)
     lm, tok = load_model(req.model_dir, req.device)
     m = answer_accuracy(lm, tok, prompts, golds, req.max_new_tokens, max(req.batch_size, 32))
-    return {"n": m["n"], key: m["accuracy"], "answered": m["answered"], "examples": m["examples"]}
+    return {"n": m["n"], key: m["accuracy"], "stderr": m["stderr"], "answered": m["answered"],
+            "by_skill": m["by_skill"], "examples": m["examples"]}
 
 
 @register_task("answer_acc", "sft_eval", "greedy chat answers graded by trainer.lib.grading.is_correct")
