@@ -224,6 +224,9 @@ def test_ppo_stage_runs_and_saves(rl_models, rl_events, tmp_path):
     metrics = json.loads((out / "ppo" / "metrics.json").read_text())
     assert set(metrics) == {"rm_score", "accuracy"} and metrics["rm_score"]["higher_is_better"] is True
     assert metrics["rm_score"]["after"] == pytest.approx(scalars["eval/rm_score"][-1][1])
+    acc = metrics["accuracy"]  # a share of the 4 held-out prompts: stored with its binomial standard error
+    assert acc["n"] == 4 and "n" not in metrics["rm_score"]
+    assert acc["after_stderr"] == pytest.approx((acc["after"] * (1 - acc["after"]) / 4) ** 0.5)
 
 
 KILLING_REWARD = """

@@ -91,3 +91,25 @@ def test_run_main_destroys_the_process_group_after_a_successful_run(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_stage_report_keeps_n_and_stderr_and_the_first_runs_before_on_resume(tmp_path):
+    import json
+
+    from trainer.lib.report import StageReport
+    from trainer.lib.runtime import StageRun, pick_precision
+
+    run = StageRun("x", tmp_path, tmp_path / "x", pick_precision("cpu", "fp32"))
+    run.dir.mkdir()
+    report = StageReport(run)
+    report.before("accuracy", 0.2, higher_is_better=True, n=100)
+    report.before("loss", 2.0, higher_is_better=False)
+    report.after("accuracy", 0.5)
+    report.after("loss", 1.0)
+    report.save(10)
+    m = json.loads((run.dir / "metrics.json").read_text())
+    assert m["accuracy"] == {"before": 0.2, "after": 0.5, "higher_is_better": True, "n": 100,
+                             "before_stderr": pytest.approx(0.04), "after_stderr": pytest.approx(0.05)}
+    assert set(m["loss"]) == {"before", "after", "higher_is_better"}
+    resumed = StageReport(run, resume=True)
+    assert resumed.before("accuracy", lambda: 1 / 0, higher_is_better=True, n=100) == 0.2

@@ -112,11 +112,13 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     if prompts:
         def accuracy(lm) -> float:
             acc = answer_accuracy(lm.to(trainer.args.device), tokenizer, prompts, golds, args.max_new_tokens)
+            skills = ", ".join(f"{k} {v['accuracy']:.0%} of {v['n']}" for k, v in acc["by_skill"].items())
             logger.info(f"held-out answer accuracy (greedy, {acc['n']} conversations): {acc['accuracy']:.1%} "
-                        f"({acc['answered']:.0%} state an answer)")
+                        f"+- {acc['stderr']:.1%} ({acc['answered']:.0%} state an answer)"
+                        + (f"; by skill: {skills}" if skills else ""))
             return acc["accuracy"]
 
-        report.before("answer_accuracy", lambda: accuracy(trainer.model), higher_is_better=True)
+        report.before("answer_accuracy", lambda: accuracy(trainer.model), higher_is_better=True, n=len(prompts))
     trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
 
     final = run.dir / f"checkpoint-{trainer.state.global_step}"

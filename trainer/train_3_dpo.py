@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
                 "loglik_acc": loglik_accuracy(*logps)["accuracy"]}
 
     report = StageReport(run, resume=args.resume)
-    report.before_each(lambda: scores(ref_logps), higher_is_better=True)  # the policy starts as the reference
+    report.before_each(lambda: scores(ref_logps), higher_is_better=True, n=len(eval_rows))  # the policy starts as the reference
     trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
 
     for name, value in scores(pair_logprobs(trainer.model, tokenizer, eval_rows, args.batch_size)).items():

@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
 
     if len(heldout.history) >= 2:
         report = StageReport(run, resume=args.resume)
-        report.before("accuracy", heldout.history[0][1], higher_is_better=True)
+        report.before("accuracy", heldout.history[0][1], higher_is_better=True, n=len(prompts))
         report.after("accuracy", heldout.history[-1][1])
         report.save(trainer.state.global_step)
     logger.info(f"saved {latest_checkpoint(run.dir)}")

@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
 
     if len(heldout.history) >= 2:
         report = StageReport(run, resume=args.resume)
-        report.before("pairwise_accuracy", heldout.history[0][1], higher_is_better=True)
+        report.before("pairwise_accuracy", heldout.history[0][1], higher_is_better=True, n=len(eval_rows))
         report.after("pairwise_accuracy", heldout.history[-1][1])
         report.save(trainer.state.global_step)
     logger.info(f"saved {latest_checkpoint(run.dir)}")

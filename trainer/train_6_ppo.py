@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if history:
         for k in ("rm_score", "accuracy"):
             if k in history[0][1]:
-                report.before(k, history[0][1][k], higher_is_better=True)
+                report.before(k, history[0][1][k], higher_is_better=True,
+                              n=len(eval_rows) if k == "accuracy" else None)
     t0, start = time.time(), state.step
     while state.step < total_steps:
         local = ppo_step(state, batch_for_step(shard, state.step, args.batch_size, args.seed), args, rule_reward)

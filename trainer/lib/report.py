@@ -5,6 +5,11 @@
 parent checkpoint), "after" the model it saves. The same figures go to the log and to TensorBoard
 (`heldout/<metric>` at step 0 and at the last step). On `--resume` the "before" of the first run is
 kept, so the file always compares the stage's start with its end.
+
+A metric that is a share of n independent held-out items (an accuracy) is recorded with `n=`; the
+file then also holds "n" and the binomial standard errors "before_stderr" / "after_stderr"
+(sqrt(p (1 - p) / n)), and the log prints them, so a change smaller than about two standard errors
+is not read as progress.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from trainer.lib.metrics import binomial_stderr
 from trainer.lib.runtime import StageRun, is_main_process
 
 METRICS_FILE = "metrics.json"
@@ -36,23 +42,32 @@ class StageReport:
     def __post_init__(self) -> None:
         self.earlier = read_metrics(self.run.dir) if self.resume else {}
 
-    def before(self, name: str, value: float | Callable[[], float], higher_is_better: bool) -> float:
+    def before(self, name: str, value: float | Callable[[], float], higher_is_better: bool,
+               n: int | None = None) -> float:
         """Record the starting value, or measure it by calling `value()`; on --resume the first run's
-        value is kept and nothing is measured. Returns it."""
+        value is kept and nothing is measured. `n`: the value is a share of n held-out items. Returns it."""
         earlier = self.earlier.get(name, {}).get("before")
         if earlier is None:
             earlier = value() if callable(value) else value
         self.metrics[name] = {"before": earlier, "after": None, "higher_is_better": higher_is_better}
+        if n is not None:
+            self.metrics[name]["n"] = n
         return earlier
 
-    def before_each(self, measure: Callable[[], dict[str, float]], higher_is_better: bool) -> None:
+    def before_each(self, measure: Callable[[], dict[str, float]], higher_is_better: bool,
+                    n: int | None = None) -> None:
         """`before` for several metrics measured by one call (not made when --resume found them)."""
         known = {k: m["before"] for k, m in self.earlier.items() if m.get("before") is not None}
         for name, value in (known or measure()).items():
-            self.before(name, value, higher_is_better)
+            self.before(name, value, higher_is_better, n)
 
     def after(self, name: str, value: float) -> None:
-        self.metrics[name]["after"] = value
+        m = self.metrics[name]
+        m["after"] = value
+        if "n" in m:
+            for when in ("before", "after"):
+                if m[when] is not None:
+                    m[f"{when}_stderr"] = binomial_stderr(m[when], m["n"])
 
     def save(self, step: int) -> Path:
         """Write metrics.json, log one line per metric and add `heldout/<metric>` to TensorBoard."""
@@ -70,8 +85,10 @@ class StageReport:
                     writer.add_scalar(f"heldout/{name}", m["after"], step)
         for name, m in self.metrics.items():
             better = "higher" if m["higher_is_better"] else "lower"
-            logger.info(f"held-out {name}: {_fmt(m['before'])} before -> {_fmt(m['after'])} after "
-                        f"({better} is better)")
+            se = {w: f" +- {m[f'{w}_stderr']:.3f}" if f"{w}_stderr" in m else "" for w in ("before", "after")}
+            size = f", n={m['n']}" if "n" in m else ""
+            logger.info(f"held-out {name}: {_fmt(m['before'])}{se['before']} before -> {_fmt(m['after'])}{se['after']} "
+                        f"after ({better} is better{size})")
         logger.info(f"wrote {path}")
         return path
 
