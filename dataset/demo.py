@@ -431,6 +431,32 @@ def _q_world(w: _World) -> tuple[str, str, str, list]:
     return q, f"{name} has the {colour} {obj}. The answer is {name}.", name, facts
 
 
+def recall_questions(n: int, split: str, seed: int = 0) -> list[tuple[str, str, str]]:
+    """``n`` questions of the "copy" skill (the answer is a colour, name or place stated in the
+    question) as ``(question, worked answer, answer)``, e.g. ("Ben has a yellow cup and Amy has a pink
+    pen. What colour is Ben's cup?", "Ben's cup is yellow. The answer is yellow.", "yellow")."""
+    w = _World(random.Random(f"demo-recall-{split}-{seed}"), split)
+    return [tuple(_q_world(w)[:3]) for _ in range(n)]
+
+
+def recall_drills(n: int, split: str, seed: int = 0) -> list[str]:
+    """``n`` texts that state 2-3 facts and then ask about every fact both ways, answered ("What
+    colour is Ben's cup? Ben's cup is yellow. Who has the pink pen? Amy has the pink pen. ..."):
+    the densest lookup signal this world can give a language model."""
+    w = _World(random.Random(f"demo-drill-{split}-{seed}"), split)
+    texts = []
+    for _ in range(n):
+        facts = w.facts(w.rng.choice((2, 3)))
+        lines = []
+        for name, colour, obj in facts:
+            lines += [f"What colour is {name}'s {obj}? {name}'s {obj} is {colour}.",
+                      f"Who has the {colour} {obj}? {name} has the {colour} {obj}."]
+        w.rng.shuffle(lines)
+        story = _cap(" and ".join(f"{n_} has {_a(c)} {c} {o}" for n_, c, o in facts)) + "."
+        texts.append(" ".join([story, *lines]))
+    return texts
+
+
 def _follow_up(w: _World, value: int) -> tuple[str, str] | None:
     """A second turn that builds on the first answer ("Now add 12 to that.")."""
     for _ in range(50):

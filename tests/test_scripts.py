@@ -1,4 +1,5 @@
-"""scripts/test_chat.py, scripts/inspect_data.py and scripts/bench_data.py, run in-process on tiny artifacts."""
+"""scripts/test_chat.py, scripts/inspect_data.py, scripts/bench_data.py and scripts/probe_recall.py, run
+in-process on tiny artifacts."""
 
 import json
 import shutil
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("plumb_single_thread")
 test_chat = load_script("test_chat")
 inspect_data = load_script("inspect_data")
 bench_data = load_script("bench_data")
+probe_recall = load_script("probe_recall")
 
 
 @pytest.fixture
@@ -132,3 +134,30 @@ def test_bench_data_reports_ratios(plumb_tokenizer_out, plumb_corpus, capsys):
     assert printed["loader_over_training"] == figures["loader_over_training"] > 0
     assert figures["tokenizer_tokens_per_s"] > 0 and figures["loader_batches"] == 5
     assert figures["loader_over_training"] == pytest.approx(figures["loader_tokens_per_s"] / 1000)
+
+
+def test_probe_recall_positions_restart_after_every_document():
+    eos = 9
+    blocks = torch.tensor([[5, 6, eos, 7, 8, 8, eos, 1], [eos, 2, 3, 4, 4, 4, 4, 4]])
+    assert probe_recall.document_positions(blocks, eos).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0],
+                                                                     [0, 0, 1, 2, 3, 4, 5, 6]]
+
+
+def test_probe_recall_asks_for_the_answer_word_and_trains(stage_out_dir, plumb_preset):
+    from transformers import AutoTokenizer
+
+    from dataset.demo import recall_questions
+
+    tok_dir = stage_out_dir / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    for (prefix, target, kind), (question, _, answer) in zip(probe_recall.lookup_items(tokenizer, 12),
+                                                             recall_questions(12, "eval", seed=1)):
+        assert tokenizer.decode(prefix).startswith(question) and kind in {"colour", "who", "where"}
+        word = tokenizer.decode([target]).strip()  # the answer word, or its first piece
+        assert word and answer.split()[-1].startswith(word)
+    history = probe_recall.main(["--tokenizer", str(tok_dir), "--preset", plumb_preset, "--mix", "drill",
+                                 "--docs", "60", "--steps", "3", "--every", "2", "--batch_size", "2",
+                                 "--max_length", "64", "--probe", "6", "--no-bf16"])
+    assert [h["step"] for h in history] == [2, 3]
+    for h in history:
+        assert all(0.0 <= h[k] <= 1.0 for k in ("all", "repeat")) and h["loss"] > 0
