@@ -55,7 +55,11 @@ def test_loss_flags_map_onto_trl(tmp_path):
     def settings(*flags):
         return loss_settings(parse_args(DPOArgs, ["--out_dir", str(tmp_path), *flags]))
 
-    assert settings() == {"loss_type": ["sigmoid"], "loss_weights": [1.0], "beta": 0.1, "label_smoothing": 0.0}
+    # The default is DPO + an NLL term on the chosen replies (RPO); --sft_weight 0 is pure DPO.
+    assert settings() == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0], "beta": 0.1,
+                          "label_smoothing": 0.0}
+    assert settings("--sft_weight", "0") == {"loss_type": ["sigmoid"], "loss_weights": [1.0], "beta": 0.1,
+                                             "label_smoothing": 0.0}
     assert settings("--sft_weight", "0.5", "--loss_type", "ipo")["loss_type"] == ["ipo", "sft"]
     assert settings("--sft_weight", "0.5")["loss_weights"] == [1.0, 0.5]
     assert settings("--loss_type", "robust", "--label_smoothing", "0.1")["label_smoothing"] == 0.1

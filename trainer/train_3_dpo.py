@@ -9,12 +9,15 @@ pi_ref is the frozen starting model (the SFT checkpoint, loaded a second time an
     hinge:          max(0, 1 - (r_c - r_r))
     robust:         DPO that assumes a share --label_smoothing of the labels is flipped
 
-`--sft_weight w` adds w * NLL(chosen) (the RPO / "DPO + SFT" term; trl: loss_type [.., "sft"] with
-loss_weights [1, w]), which keeps the likelihood of the chosen replies from sinking while the margin
-grows. TensorBoard shows rewards/chosen, rewards/rejected, rewards/margins (r_c - r_r) and
-rewards/accuracies (share of pairs with r_c > r_r), for train and eval. Before and after training the
-stage measures, on the held-out pairs, the preference accuracy (implicit reward, ties 1/2: 0.5 before,
-since the policy is still the reference) and the log-likelihood accuracy (log pi(chosen) > log pi(rejected)).
+`--sft_weight w` (default 1) adds w * NLL(chosen) (the RPO / "DPO + SFT" term; trl: loss_type
+[.., "sft"] with loss_weights [1, w]), which keeps the likelihood of the chosen replies from sinking
+while the margin grows. Pure DPO (`--sft_weight 0`) can raise the margin by pushing *both* replies
+down; on the demo it then drops digits and loses most of the SFT model's held-out accuracy (RL prompts
+11.7% -> 4.0%), where the NLL term keeps it (-> 9.3%) at nearly the same preference accuracy.
+TensorBoard shows rewards/chosen, rewards/rejected, rewards/margins (r_c - r_r) and rewards/accuracies
+(share of pairs with r_c > r_r), for train and eval. Before and after training the stage measures, on
+the held-out pairs, the preference accuracy (implicit reward, ties 1/2: 0.5 before, since the policy is
+still the reference) and the log-likelihood accuracy (log pi(chosen) > log pi(rejected)).
 
     python trainer/train_3_dpo.py                                # from the latest SFT checkpoint
     python trainer/train_3_dpo.py --loss_type ipo --beta 0.5
@@ -58,7 +61,7 @@ class DPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, Ha
     beta: float = flag(0.1, "strength of the pull towards the reference model (higher = stay closer)")
     loss_type: str = flag("sigmoid", "preference loss", choices=LOSS_TYPES)
     label_smoothing: float = flag(0.0, "assumed share of flipped labels, in [0, 0.5); used by --loss_type robust")
-    sft_weight: float = flag(0.0, "weight of an extra NLL loss on the chosen replies (RPO); 0 = pure DPO")
+    sft_weight: float = flag(1.0, "weight of an extra NLL loss on the chosen replies (RPO); 0 = pure DPO")
     max_eval_pairs: int = flag(200, "held-out pairs for the eval rewards")
     sample_prompts: str = flag("What is 23 + 45?|Mia has 12 apples. Tom gives her 7 more. How many apples does Mia have now?",
                                "user messages ('|'-separated) answered at every evaluation")
