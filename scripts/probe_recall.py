@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 import model as mm
 from dataset import demo
 from trainer.lib.runtime import run_main, setup_logging
-from trainer.lib.stages import resolve_init
+from trainer.lib.stages import StageError, resolve_init
 
 MIXES = ("pretrain", "qa", "drill", "repeat")
 
@@ -133,6 +133,12 @@ def repeat_accuracy(lm, tokenizer, texts: Sequence[str]) -> float:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     setup_logging()
+    for name in ("docs", "steps", "batch_size", "max_length", "every", "probe"):
+        if getattr(args, name) < 1:
+            raise StageError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.tokenizer is not None and not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        raise StageError(f"--tokenizer {args.tokenizer}: no tokenizer.json there "
+                         "(create one with: python trainer/train_0_tokenizer.py)")
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or resolve_init("pretrain", args.out_dir, None))
     blocks = packed_blocks(training_texts(args.mix, args.docs, args.seed), tokenizer, args.max_length)

@@ -161,3 +161,12 @@ def test_probe_recall_asks_for_the_answer_word_and_trains(stage_out_dir, plumb_p
     assert [h["step"] for h in history] == [2, 3]
     for h in history:
         assert all(0.0 <= h[k] <= 1.0 for k in ("all", "repeat")) and h["loss"] > 0
+
+
+def test_probe_recall_bad_flags_name_the_flag(tmp_path):
+    with pytest.raises(StageError, match="--steps 0"):
+        probe_recall.main(["--tokenizer", str(tmp_path), "--steps", "0"])
+    with pytest.raises(StageError, match="train_0_tokenizer"):
+        probe_recall.main(["--tokenizer", str(tmp_path / "nowhere")])
+    with pytest.raises(StageError, match="train_0_tokenizer"):  # no --tokenizer and no stage 0 output
+        probe_recall.main(["--out_dir", str(tmp_path)])
