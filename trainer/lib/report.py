@@ -51,7 +51,7 @@ class StageReport:
             earlier = value() if callable(value) else value
         self.metrics[name] = {"before": earlier, "after": None, "higher_is_better": higher_is_better}
         if n is not None:
-            self.metrics[name]["n"] = n
+            self.metrics[name].update(n=n, before_stderr=binomial_stderr(earlier, n))
         return earlier
 
     def before_each(self, measure: Callable[[], dict[str, float]], higher_is_better: bool,
@@ -65,9 +65,7 @@ class StageReport:
         m = self.metrics[name]
         m["after"] = value
         if "n" in m:
-            for when in ("before", "after"):
-                if m[when] is not None:
-                    m[f"{when}_stderr"] = binomial_stderr(m[when], m["n"])
+            m["after_stderr"] = binomial_stderr(value, m["n"])
 
     def save(self, step: int) -> Path:
         """Write metrics.json, log one line per metric and add `heldout/<metric>` to TensorBoard."""
