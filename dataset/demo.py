@@ -7,8 +7,9 @@ places, countable things, and small-number arithmetic. The vocabulary is a few h
 each stage can show its effect in minutes:
 
 * pretraining text (``{"text"}``): little stories ("Mia has a red ball. She went to the park."),
-  arithmetic facts written out with spaces ("23 + 45 = 68.") and word problems with their worked
-  answer ("Tom has 23 apples. Mia gives him 45 more. Now Tom has 68 apples.");
+  one-digit facts ("7 + 5 = 12."), two-digit sums worked in columns ("47 + 25: 7 + 5 = 12, carry 1;
+  4 + 2 + 1 = 7; so 47 + 25 = 72.", see :func:`_eq`) and word problems with their worked answer
+  ("Tom has 47 apples. Mia gives him 25 more. 47 + 25: ... Now Tom has 72 apples.");
 * SFT chats (``{"conversations"}``): arithmetic, word problems and questions answerable from the
   prompt; every assistant turn ends with the checkable line "The answer is X." (:func:`extract_answer`);
 * DPO pairs (``{"chosen", "rejected"}``): same prompt; the rejected answer holds a plausible mistake
@@ -46,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 EVAL_PERCENT = 15
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -72,7 +73,7 @@ class DemoSizes:
     with a two-digit carry or two-step bare arithmetic ("23 + 45 - 17"), 3 = two-step word problems.
     """
 
-    pretrain_train: int = 7000
+    pretrain_train: int = 6000
     pretrain_eval: int = 400
     sft_train: int = 8000
     sft_eval: int = 400
@@ -95,7 +96,11 @@ def _shared(key: tuple) -> bool:
     this world: there are only 81 of them and no rule predicts an unseen one, so holding some out
     would only make held-out questions unanswerable. Held-out arithmetic is about *combining* them:
     new two-digit pairs, and one-digit facts in new contexts (who, what)."""
-    return key[0] in ("add", "sub") and len(key) == 3 and all(isinstance(x, int) and x < 10 for x in key[1:])
+    if key[0] not in ("add", "sub") or len(key) != 3 or not all(isinstance(x, int) for x in key[1:]):
+        return False
+    a, b = key[1:]
+    # A borrowing column ("12 - 7 = 5") is a one-digit fact read backwards: shared like "5 + 7 = 12".
+    return a < 10 and b < 10 or key[0] == "sub" and a < 19 and b < 10 and a - b < 10
 
 
 def _add_key(a: int, b: int) -> tuple:
@@ -271,8 +276,35 @@ class _World:
 
 
 def _eq(a: int, op: str, b: int) -> str:
+    """``a op b`` worked in columns, the way a child is taught, so every step is a one-digit fact.
+
+    With one digit per token, "47 + 25 = 72" written at once asks a tiny model to know the carry
+    before it writes the tens digit: it must do the whole sum inside one forward pass, and it can
+    only memorise pairs it has seen (held-out pairs stay near chance). Worked in columns, each
+    token needs one fact this world shares across splits (``7 + 5 = 12``, ``12 - 7 = 5``):
+
+    ``47 + 25: 7 + 5 = 12, carry 1; 4 + 2 + 1 = 7; so 47 + 25 = 72.``
+    ``52 - 17: 12 - 7 = 5, borrow 1; 5 - 1 - 1 = 3; so 52 - 17 = 35.``
+    ``7 + 5 = 12.`` (two one-digit numbers: a fact, nothing to work)
+    """
     c = a + b if op == "+" else a - b
-    return f"{a} {op} {b} = {c}."
+    if a < 10 and b < 10:
+        return f"{a} {op} {b} = {c}."
+    steps, extra = [], 0  # extra: the carry (+) or borrow (-) coming into this column
+    n_columns = len(str(max(a, b)))
+    for i in range(n_columns):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        last = i == n_columns - 1
+        if op == "+":
+            total = x + y + extra
+            step = f"{x} + {y}" + (" + 1" if extra else "") + f" = {total}"
+            extra = int(total >= 10 and not last)
+        else:
+            borrow = x - y - extra < 0
+            step = f"{x + 10 * borrow} - {y}" + (" - 1" if extra else "") + f" = {x + 10 * borrow - y - extra}"
+            extra = int(borrow)
+        steps.append(step + (", carry 1" if op == "+" and extra else ", borrow 1" if extra else ""))
+    return f"{a} {op} {b}: {'; '.join(steps)}; so {a} {op} {b} = {c}."
 
 
 def _story(w: _World) -> str:
@@ -299,7 +331,7 @@ def _story(w: _World) -> str:
 def _facts_doc(w: _World) -> str:
     rng = w.rng
     lines = []
-    for _ in range(rng.randint(4, 8)):
+    for _ in range(rng.randint(2, 5)):
         op = rng.choice("+-")
         if rng.random() < 0.25:
             a, b = w.small_pair(op)
@@ -316,14 +348,15 @@ def _word_problem_story(w: _World) -> str:
     if kind < 0.45:
         a, b = w.small_pair("+", lo=2) if small else w.add_pair()
         return (f"{name} has {a} {thing}. {other} gives {_him(name)} {b} more. "
-                f"Now {name} has {a + b} {thing}.")
+                f"{_eq(a, '+', b)} Now {name} has {a + b} {thing}.")
     if kind < 0.9:
         a, b = w.small_pair("-", lo=2) if small else w.sub_pair()
         return (f"{name} has {a} {thing}. {_cap(_he(name))} gives {b} {thing} to {other}. "
-                f"Now {name} has {a - b} {thing}.")
+                f"{_eq(a, '-', b)} Now {name} has {a - b} {thing}.")
     a, b, c = w.two_step()
     return (f"{name} has {a} {thing}. {other} gives {_him(name)} {b} more. Then {_he(name)} "
-            f"gives {c} to {w.other_name(name, other)}. Now {name} has {a + b - c} {thing}.")
+            f"gives {c} to {w.other_name(name, other)}. {_eq(a, '+', b)} {_eq(a + b, '-', c)} "
+            f"Now {name} has {a + b - c} {thing}.")
 
 
 def _qa_doc(w: _World) -> str:
@@ -511,6 +544,24 @@ def _wrong_number(w: _World, answer: str, value: int) -> str:
     return f"{head} The answer is {wrong}."
 
 
+def _forgot_carry(a: int, op: str, b: int) -> tuple[str, int] | None:
+    """The classic column slip for a two-digit ``a op b`` whose units carry or borrow, as
+    (worked text, wrong value): the carry is dropped ("47 + 25: 7 + 5 = 12; 4 + 2 = 6; so 47 + 25 =
+    62.") or the smaller units digit is taken from the larger ("52 - 17: 7 - 2 = 5; 5 - 1 = 4; so
+    52 - 17 = 45."). Each step looks like a fact; only the method is wrong. ``None`` when the units
+    column neither carries nor borrows."""
+    if not (10 <= a < 100 and b < 100):
+        return None
+    (ta, ua), (tb, ub) = divmod(a, 10), divmod(b, 10)
+    if op == "+" and ua + ub >= 10:
+        units, tens, wrong = f"{ua} + {ub} = {ua + ub}", f"{ta} + {tb} = {ta + tb}", 10 * (ta + tb) + (ua + ub) % 10
+    elif op == "-" and ua < ub:
+        units, tens, wrong = f"{ub} - {ua} = {ub - ua}", f"{ta} - {tb} = {ta - tb}", 10 * (ta - tb) + ub - ua
+    else:
+        return None
+    return f"{a} {op} {b}: {units}; {tens}; so {a} {op} {b} = {wrong}.", wrong
+
+
 def _dpo_one(w: _World) -> dict:
     rng = w.rng
     roll = rng.random()
@@ -520,12 +571,15 @@ def _dpo_one(w: _World) -> dict:
         else:
             q, good, value = _q_word(w, small=rng.random() < 0.3)
         mode = rng.random()
-        a_b = re.match(r"(\d+) ([+-]) (\d+) = \d+\.", good)
+        a_b = re.match(r"(\d+) ([+-]) (\d+)[:=]", good)
         if mode < 0.2 and a_b and (a_b.group(2) == "-" or int(a_b.group(1)) >= int(a_b.group(3))):
             a, op, b = int(a_b.group(1)), a_b.group(2), int(a_b.group(3))
             wrong_op = "-" if op == "+" else "+"
             r = a - b if wrong_op == "-" else a + b
-            bad = f"{a} {wrong_op} {b} = {r}. The answer is {r}."
+            bad = f"{_eq(a, wrong_op, b)} The answer is {r}."
+        elif mode < 0.5 and a_b and (slip := _forgot_carry(*(int(a_b.group(1)), a_b.group(2), int(a_b.group(3))))):
+            bad = good.replace(_eq(int(a_b.group(1)), a_b.group(2), int(a_b.group(3))), slip[0])
+            bad = f"{bad.rpartition(' The answer is')[0]} The answer is {slip[1]}."
         elif mode < 0.8:
             bad = _wrong_number(w, good, value)
         else:

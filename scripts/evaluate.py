@@ -19,6 +19,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from trainer.lib.generation import REPLY_TOKENS
 from trainer.lib.runtime import pick_precision, run_main, setup_logging
 from trainer.lib.stages import StageError, resolve_stage_or_path
 from trainer.lib.tasks import TASKS, EvalRequest, evaluate
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta of the implicit reward (pref_acc)")
     p.add_argument("--reward_model", default=None, help="rm_score: reward model stage or dir (default: reward)")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=48, help="reply length for generation tasks")
+    p.add_argument("--max_new_tokens", type=int, default=REPLY_TOKENS, help="reply length for generation tasks")
     p.add_argument("--max_length", type=int, default=256, help="tokens per document (ppl)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--examples", action="store_true", help="include a few graded replies in the output")

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from dataset.demo import (
+    _eq,
     COLOURS,
     NAMES,
     OBJECTS,
@@ -26,7 +27,9 @@ from dataset.demo import (
 
 SMALL = DemoSizes(pretrain_train=60, pretrain_eval=20, sft_train=80, sft_eval=20,
                   dpo_train=40, dpo_eval=10, rl_train=30, rl_eval=10)
-EQ = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
+# A two-number equation "a op b = c" (not the tail of a chain such as "4 + 2 + 1 = 7").
+EQ = re.compile(r"(?<![+-] )\b(\d+) ([+-]) (\d+) = (\d+)\b")
+CHAIN = re.compile(r"\b(\d+(?: [+-] \d+)+) = (\d+)\b")
 FACT = re.compile(rf"\b({'|'.join(NAMES)}) has an? ({'|'.join(COLOURS)}) ({'|'.join(OBJECTS)})\b")
 
 
@@ -44,7 +47,11 @@ def _keys(text: str) -> set:
 
 
 def _equations_true(text: str) -> bool:
-    return all(int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) for a, op, b, c in EQ.findall(text))
+    """Every equation in ``text`` holds, column steps ("12 - 7 = 5", "4 + 2 + 1 = 7") included."""
+    def value(chain: str) -> int:
+        tokens = chain.split()
+        return int(tokens[0]) + sum(int(x) * (1 if op == "+" else -1) for op, x in zip(tokens[1::2], tokens[2::2]))
+    return all(value(chain) == int(c) for chain, c in CHAIN.findall(text))
 
 
 def _user_texts(records, key="conversations"):
@@ -100,7 +107,7 @@ def test_write_is_idempotent_and_rewrites_when_sizes_change(tmp_path):
 def test_default_sizes_fit_the_cpu_budget(data_demo_dir):
     texts = [r["text"] for r in _jsonl(data_demo_dir["pretrain_train"])]
     n_tokens = sum(len(word_tokens(t)) for t in texts)
-    assert 300_000 <= n_tokens <= 600_000
+    assert 400_000 <= n_tokens <= 700_000
     assert 6000 <= len(_jsonl(data_demo_dir["sft_train"])) <= 10_000
     assert len(_jsonl(data_demo_dir["dpo_train"])) == 3000 and len(_jsonl(data_demo_dir["rl_train"])) == 2000
     assert all(200 <= len(_jsonl(data_demo_dir[f"{s}_eval"])) <= 500 for s in ("pretrain", "sft", "dpo", "rl"))
@@ -217,6 +224,26 @@ def test_one_digit_facts_are_shared_and_everything_else_is_split():
             m = next(m for p in patterns if (m := re.match(p, q)))
             name, thing, other = m.groups()
             assert split_of("ctx", name, other, thing) == split, q
+
+
+def test_worked_sums_are_right_and_every_column_step_is_a_shared_fact():
+    for a in range(0, 125):
+        for b in range(0, 100):
+            for op in "+-":
+                if op == "-" and b > a:
+                    continue
+                text = _eq(a, op, b)
+                assert _equations_true(text), text
+                *steps, last = EQ.findall(text)
+                assert last[:3] == (str(a), op, str(b)) and int(last[3]) == (a + b if op == "+" else a - b)
+                # Only the whole sum may be a held-out pair; each column is a fact every split knows.
+                steps = [(int(x), o, int(y)) for x, o, y, _ in steps]
+                assert all(_shared(("add", min(x, y), max(x, y)) if o == "+" else ("sub", x, y))
+                           for x, o, y in steps), text
+                if a >= 10 or b >= 10:  # the units column says whether it carries or borrows
+                    units = text.split(": ", 1)[1].split("; ")[0]
+                    assert ("carry 1" in units) == (op == "+" and a % 10 + b % 10 >= 10), text
+                    assert ("borrow 1" in units) == (op == "-" and a % 10 < b % 10), text
 
 
 def test_tokenizer_corpus_is_train_only(tmp_path):

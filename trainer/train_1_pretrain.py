@@ -44,7 +44,7 @@ class PretrainArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlag
     eval_steps: int = flag(100, "evaluate on held-out blocks every N steps")
     save_steps: int = flag(200, "save a checkpoint every N steps (and always at the end)")
     max_eval_blocks: int = flag(200, "evaluate on at most this many held-out blocks")
-    sample_prompts: str = flag("Tom has a|Mia went to the|23 + 45 =",
+    sample_prompts: str = flag("Tom has a|Mia went to the|23 + 45:",
                                "prompts ('|'-separated) continued at every evaluation")
 
 

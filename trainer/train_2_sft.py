@@ -38,7 +38,7 @@ from trainer.lib.callbacks import SampleCallback, attach_callbacks
 from trainer.lib.data import chat_rows, resolve_data, train_and_eval
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
-from trainer.lib.generation import chat_ids
+from trainer.lib.generation import REPLY_TOKENS, chat_ids
 from trainer.lib.lora import LoraFlags, build_model, save_merged
 from trainer.lib.metrics import answer_accuracy, chat_answer_items
 from trainer.lib.report import StageReport
@@ -59,7 +59,7 @@ class SFTArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, Ha
     packing: bool = flag(False, "pack conversations into rows of --max_length (padding-free, position_ids)")
     max_eval_conversations: int = flag(200, "held-out conversations for the eval loss")
     eval_answers: int = flag(100, "held-out conversations answered greedily before and after (0 = skip)")
-    max_new_tokens: int = flag(48, "reply length for the accuracy check and the samples")
+    max_new_tokens: int = flag(REPLY_TOKENS, "reply length for the accuracy check and the samples")
     sample_prompts: str = flag("What is 23 + 45?|Tom has a red ball. What colour is Tom's ball?",
                                "user messages ('|'-separated) answered at every evaluation")
 

@@ -33,6 +33,7 @@ from trainer.lib.callbacks import HeldOutMetricCallback, attach_callbacks
 from trainer.lib.data import resolve_data, rl_rows, train_and_eval
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, merge_repeated_flag, parse_args)
+from trainer.lib.generation import REPLY_TOKENS
 from trainer.lib.grading import build_rewards
 from trainer.lib.metrics import answer_accuracy
 from trainer.lib.report import StageReport
@@ -55,7 +56,7 @@ class GRPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, H
     beta: float = flag(0.04, "KL coefficient towards the starting model (0 = no reference model, faster)")
     loss_type: str = flag("dapo", "how token losses are aggregated (trl's GRPOConfig.loss_type)", choices=LOSS_TYPES)
     epsilon: float = flag(0.2, "PPO clip range for the importance ratio")
-    max_completion_length: int = flag(64, "maximum tokens per sampled completion")
+    max_completion_length: int = flag(REPLY_TOKENS, "maximum tokens per sampled completion")
     temperature: float = flag(0.7, "sampling temperature for the group (lower = fewer garbled answers, less variety)",
                               positive=True)
     reward: str = flag("correctness,format", "reward functions: comma list (or repeat the flag) of "

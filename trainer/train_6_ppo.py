@@ -36,6 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer.lib.data import resolve_data, rl_rows, train_and_eval
 from trainer.lib.flags import CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags, flag, parse_args
+from trainer.lib.generation import REPLY_TOKENS
 from trainer.lib.grading import load_reward
 from trainer.lib.ppo import KL_ESTIMATORS
 from trainer.lib.ppo_trainer import STATE_FILE, PPOState, batch_for_step, evaluate, ppo_step
@@ -54,7 +55,7 @@ class PPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, Ha
     logging_steps: int = flag(1, "write TensorBoard scalars every N PPO steps")
     save_steps: int = flag(50, "save a checkpoint every N PPO steps (and always at the end)")
     eval_steps: int = flag(25, "held-out evaluation every N PPO steps (and before and after)")
-    max_completion_length: int = flag(64, "maximum tokens per sampled answer")
+    max_completion_length: int = flag(REPLY_TOKENS, "maximum tokens per sampled answer")
     temperature: float = flag(1.0, "sampling temperature (log-probs use the same one)", positive=True)
     kl_coef: float = flag(0.05, "initial coefficient of the per-token KL penalty in the reward")
     kl_target: float = flag(0.0, "> 0: adapt kl_coef so the sequence KL approaches this (Ziegler et al.)")

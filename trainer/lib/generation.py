@@ -19,6 +19,9 @@ import torch
 
 Messages = list[dict[str, Any]]
 Prompt = Messages | str
+# Room for one worked demo answer: a two-step sum in columns ("23 + 45: 3 + 5 = 8; ...") plus
+# "The answer is X." is ~100 tokens with one digit per token; a cut-off reply grades as wrong.
+REPLY_TOKENS = 128
 
 
 def chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> list[int]:

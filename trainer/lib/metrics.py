@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.demo import skill_of
-from trainer.lib.generation import GREEDY, Messages, chat_ids, generate, pad
+from trainer.lib.generation import GREEDY, REPLY_TOKENS, Messages, chat_ids, generate, pad
 from trainer.lib.grading import final_answer, grade
 from trainer.lib.stages import StageError
 
@@ -80,7 +80,7 @@ def accuracy_by_skill(prompts: Sequence[Messages], correct: Sequence[bool]) -> d
 
 
 def answer_accuracy(model, tokenizer, prompts: Sequence[Messages], golds: Sequence[Sequence[str]],
-                    max_new_tokens: int = 48, batch_size: int = 32) -> dict[str, Any]:
+                    max_new_tokens: int = REPLY_TOKENS, batch_size: int = 32) -> dict[str, Any]:
     """Greedy replies graded by `grading.grade`. Returns accuracy, answered share, n, the replies and
     a few examples."""
     replies = generate(model, tokenizer, prompts, max_new_tokens, GREEDY, batch_size).texts

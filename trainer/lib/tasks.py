@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dataset.jsonl import load_records
-from trainer.lib.generation import GREEDY, generate
+from trainer.lib.generation import GREEDY, REPLY_TOKENS, generate
 from trainer.lib.metrics import (answer_accuracy, answer_items, load_model, loglik_accuracy, pair_logprobs,
                                  pairwise_accuracy, perplexity, preference_accuracy, read_kind)
 from trainer.lib.reward_model import load_reward_model, pair_scores, reward_scores
@@ -31,7 +31,7 @@ class EvalRequest:
     ref: str | None = None
     device: str = "cpu"
     batch_size: int = 16
-    max_new_tokens: int = 48
+    max_new_tokens: int = REPLY_TOKENS
     max_length: int = 256
     beta: float = 0.1
     reward_model: str | None = None  # rm_score: a stage name or model dir (default: the reward stage)
