@@ -15,11 +15,13 @@ each stage can show its effect in minutes:
 * DPO pairs (``{"chosen", "rejected"}``): same prompt; the rejected answer holds a plausible mistake
   (off by one or ten, wrong operation, wrong colour/person/place) or drops the "The answer is" line,
   so the preference is decidable from the text alone;
-* RL prompts (``{"conversations": [user, placeholder], "gt": ["7"]}``): word problems the SFT model
-  gets right only part of the time (``DemoSizes.rl_difficulty``), which is where GRPO/PPO have
-  something to learn: a group of sampled answers must hold both right and wrong ones. The default
-  (level 2: two-digit word problems with a carry, or two-step sums) sits near 30-40% for the tiny
-  SFT model; level 1 (one-digit word problems) is nearly solved and so leaves RL nothing to learn.
+* RL prompts (``{"conversations": [user, placeholder], "gt": ["Ben"]}``): questions of one skill
+  (``DemoSizes.rl_skill``) that the SFT model gets right only part of the time, which is where
+  GRPO/PPO have something to learn: a group of sampled answers must hold both right and wrong ones.
+  Once sums are worked in columns the tiny SFT model solves every arithmetic skill (~100%), so the
+  default is ``copy``, questions answered from the story ("Ben has a yellow cup and Amy has a pink
+  pen. Who has the yellow cup?"), which it answers ~30% of the time and samples right in most
+  groups. ``word`` / ``two_step`` / ``one_digit_word`` give arithmetic prompts (numeric ``gt``).
 
 Held-out splits measure generalisation, not recall. Every two-digit arithmetic step ``(op, a, b)``
 (addition keyed by the unordered pair), every world fact ``(name, colour, object)`` /
@@ -47,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 EVAL_PERCENT = 15
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -69,8 +71,7 @@ class DemoSizes:
 
     With ~1 token per word, digit or punctuation mark the defaults give roughly 450k pretraining
     tokens, 8k SFT chats (~300k tokens with the chat template), 3k DPO pairs and 2k RL prompts; eval files are small.
-    ``rl_difficulty``: 1 = one-step word problems with one-digit numbers, 2 = one-step word problems
-    with a two-digit carry or two-step bare arithmetic ("23 + 45 - 17"), 3 = two-step word problems.
+    ``rl_skill``: what the RL prompts ask, one of :data:`RL_SKILLS` (see :func:`rl_prompts`).
     """
 
     pretrain_train: int = 6000
@@ -81,7 +82,7 @@ class DemoSizes:
     dpo_eval: int = 300
     rl_train: int = 2000
     rl_eval: int = 300
-    rl_difficulty: int = 2
+    rl_skill: str = "copy"
     seed: int = 0
 
 
@@ -608,23 +609,33 @@ def dpo_pairs(n: int, split: str, seed: int = 0) -> list[dict]:
     return [_dpo_one(w) for _ in range(n)]
 
 
-def _rl_one(w: _World, difficulty: int) -> tuple[str, int]:
-    rng = w.rng
-    if difficulty <= 1:
+RL_SKILLS = ("copy", "one_digit_word", "word", "two_step")
+
+
+def _rl_one(w: _World, skill: str) -> tuple[str, object]:
+    if skill == "copy":
+        q, _, answer, _ = _q_world(w)
+        return q, answer
+    if skill == "one_digit_word":
         q, _, value = _q_word(w, small=True)
-    elif difficulty == 2:
-        q, _, value = _q_word(w, carry=True) if rng.random() < 0.5 else _q_two_step(w)
+    elif skill == "word":
+        q, _, value = _q_word(w, carry=True)
     else:
         q, _, value = _q_word(w, steps=2)
     return q, value
 
 
-def rl_prompts(n: int, split: str, seed: int = 0, difficulty: int = 2) -> list[dict]:
-    """``n`` MiniMind RLAIF records with a verifiable ``gt``; see :class:`DemoSizes` for difficulty."""
-    w = _World(random.Random(f"demo-rl-{split}-{seed}-{difficulty}"), split)
+def rl_prompts(n: int, split: str, seed: int = 0, skill: str = "copy") -> list[dict]:
+    """``n`` MiniMind RLAIF records with a verifiable ``gt``. ``skill`` (one of :data:`RL_SKILLS`):
+    ``copy`` = a name, colour or place stated in the question; ``one_digit_word`` = one-step word
+    problems with one-digit numbers; ``word`` = one-step word problems with a two-digit carry or
+    borrow; ``two_step`` = two-step word problems."""
+    if skill not in RL_SKILLS:
+        raise ValueError(f"rl skill {skill!r}: expected one of {', '.join(RL_SKILLS)}")
+    w = _World(random.Random(f"demo-rl-{split}-{seed}-{skill}"), split)
     out = []
     for _ in range(n):
-        q, value = _rl_one(w, difficulty)
+        q, value = _rl_one(w, skill)
         out.append({
             "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": ""}],
             "gt": [str(value)],
@@ -669,7 +680,7 @@ def write_demo_data(out_dir: str | Path, sizes: DemoSizes | None = None) -> dict
         _write_jsonl(paths[f"pretrain_{split}"], ({"text": t} for t in texts))
         _write_jsonl(paths[f"sft_{split}"], sft_conversations(getattr(sizes, f"sft_{split}"), split, seed))
         _write_jsonl(paths[f"dpo_{split}"], dpo_pairs(getattr(sizes, f"dpo_{split}"), split, seed))
-        rl = rl_prompts(getattr(sizes, f"rl_{split}"), split, seed, sizes.rl_difficulty)
+        rl = rl_prompts(getattr(sizes, f"rl_{split}"), split, seed, sizes.rl_skill)
         _write_jsonl(paths[f"rl_{split}"], rl)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return paths

@@ -187,31 +187,34 @@ def test_rl_prompts_have_checkable_gt(data_demo_dir):
         for r in _jsonl(data_demo_dir[name]):
             user, placeholder = r["conversations"]
             assert placeholder == {"role": "assistant", "content": ""}
-            assert len(r["gt"]) == 1 and r["gt"][0].isdigit()
-            bare = re.search(r"(\d+) \+ (\d+) - (\d+)", user["content"])
-            if bare:
-                a, b, c = map(int, bare.groups())
-                assert r["gt"] == [str(a + b - c)]
+            # The default skill is "copy": the answer is stated in the question.
+            assert len(r["gt"]) == 1 and r["gt"][0] in user["content"], r
+            assert skill_of(user["content"]) == "copy" and r["gt"][0] in (*NAMES, *COLOURS, *PLACES)
 
 
-def test_rl_difficulty_is_a_dial():
-    easy = rl_prompts(60, "train", difficulty=1)
+def test_rl_skill_chooses_what_the_prompts_ask():
+    easy = rl_prompts(60, "train", skill="one_digit_word")
     for r in easy:
         q = r["conversations"][0]["content"]
         a, b = map(int, re.findall(r"\d+", q))
         value = a + b if ("more" in q or "together" in q) else a - b
         assert a < 10 and b < 10 and r["gt"] == [str(value)], q
-    medium = rl_prompts(60, "train", difficulty=2)
-    assert all(max(map(int, re.findall(r"\d+", r["conversations"][0]["content"]))) >= 10 for r in medium)
-    hard = rl_prompts(50, "train", difficulty=3)
-    assert all("Then" in r["conversations"][0]["content"] for r in hard)
+    for skill in ("word", "two_step", "copy"):
+        rows = rl_prompts(50, "train", skill=skill)
+        assert all(skill_of(r["conversations"][0]["content"]) == skill for r in rows), skill
+    carry = rl_prompts(60, "train", skill="word")
+    for r in carry:  # two-digit, and the units column carries or borrows
+        a, b = map(int, re.findall(r"\d+", r["conversations"][0]["content"]))
+        assert min(a, b) >= 10 and ("carry 1" in _eq(a, "+", b) or "borrow 1" in _eq(max(a, b), "-", min(a, b)))
+    with pytest.raises(ValueError, match="expected one of"):
+        rl_prompts(1, "train", skill="juggling")
 
 
 def test_one_digit_facts_are_shared_and_everything_else_is_split():
     assert _shared(("add", 3, 9)) and _shared(("sub", 9, 4))
     assert not _shared(("add", 3, 19)) and not _shared(("ctx", "Tom", "Mia", "eggs"))
     # Shared facts appear in both splits; the word-problem contexts around them do not.
-    train, held_out = rl_prompts(300, "train", difficulty=1), rl_prompts(300, "eval", difficulty=1)
+    train, held_out = rl_prompts(300, "train", skill="one_digit_word"), rl_prompts(300, "eval", skill="one_digit_word")
     facts = [{tuple(map(int, re.findall(r"\d+", r["conversations"][0]["content"]))) for r in rows}
              for rows in (train, held_out)]
     assert len(facts[0] & facts[1]) > 20

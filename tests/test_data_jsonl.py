@@ -231,7 +231,8 @@ def test_loaders_read_demo_data(data_demo_dir, name, kind):
     n_lines = sum(1 for _ in data_demo_dir[name].open())
     assert len(records) == n_lines > 100
     if kind == "rl":
-        assert all(r["prompt"][-1]["role"] == "user" and r["gt"][0].isdigit() for r in records)
+        assert all(r["prompt"][-1]["role"] == "user" and r["gt"][0] in r["prompt"][-1]["content"]
+                   for r in records)
     if kind == "dpo":
         assert all(r["chosen"] != r["rejected"] and r["prompt"][-1]["role"] == "user" for r in records)
 
