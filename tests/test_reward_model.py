@@ -72,7 +72,7 @@ def test_reward_stage_trains_and_reports_accuracy(rl_models, rl_events, tmp_path
     trainer = main(["--out_dir", str(out), "--init_from", str(rl_models["policy"]),
                     "--data", str(rl_models["dpo_train"]), "--eval_data", str(rl_models["dpo_eval"]),
                     "--max_steps", "2", "--batch_size", "4", "--logging_steps", "1", "--eval_steps", "1",
-                    "--max_length", "128"])
+                    "--max_length", "256"])
     assert trainer.state.global_step == 2
     rm = AutoModelForSequenceClassification.from_pretrained(out / "reward" / "checkpoint-2")
     assert rm.config.num_labels == 1
@@ -84,6 +84,29 @@ def test_reward_stage_trains_and_reports_accuracy(rl_models, rl_events, tmp_path
     ours = dict(scalars["eval/pairwise_accuracy"])[2]
     trls = dict(scalars["eval/accuracy"])[2]
     assert ours == pytest.approx(trls)
+
+
+def test_pairs_longer_than_max_length_are_left_out_loudly(rl_models):
+    from loguru import logger
+    from transformers import AutoTokenizer
+
+    from trainer.lib.generation import chat_ids
+    from trainer.train_5_reward import fitting_pairs
+
+    tok = AutoTokenizer.from_pretrained(rl_models["policy"])
+    q = [{"role": "user", "content": "What is 2 + 3?"}]
+    short = {"prompt": q, "chosen": [{"role": "assistant", "content": "The answer is 5."}],
+             "rejected": [{"role": "assistant", "content": "The answer is 6."}]}
+    long = {**short, "rejected": [{"role": "assistant", "content": "2 + 3 = 5. " * 20 + "The answer is 5."}]}
+    limit = len(chat_ids(tok, q + short["chosen"])) + 5
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        assert fitting_pairs(tok, [short, long, short], limit, "held-out") == [short, short]
+        assert fitting_pairs(tok, [short], limit, "held-out") == [short]
+    finally:
+        logger.remove(sink)
+    assert len(messages) == 1 and "1 of 3 held-out pairs are longer than --max_length" in messages[0]
 
 
 def test_rl_evaluation_tasks(rl_models, tmp_path, capsys):

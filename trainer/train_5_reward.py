@@ -31,6 +31,7 @@ from trl import RewardConfig, RewardTrainer
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer.lib.callbacks import HeldOutMetricCallback, attach_callbacks
 from trainer.lib.data import pair_rows, resolve_data, train_and_eval
+from trainer.lib.generation import chat_ids
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
 from trainer.lib.report import StageReport
@@ -51,6 +52,19 @@ class RewardArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags,
     max_eval_pairs: int = flag(300, "held-out pairs for the pairwise accuracy")
 
 
+def fitting_pairs(tokenizer, rows: list[dict], max_length: int, name: str) -> list[dict]:
+    """The pairs whose chosen and rejected conversations both fit in max_length tokens. trl's
+    RewardTrainer drops longer pairs without a word; dropping them here, loudly, keeps our held-out
+    accuracy on exactly the pairs trl trains and evaluates on."""
+    def fits(row: dict) -> bool:
+        return all(len(chat_ids(tokenizer, row["prompt"] + row[side])) <= max_length for side in ("chosen", "rejected"))
+    kept = [r for r in rows if fits(r)]
+    if len(kept) < len(rows):
+        logger.warning(f"{len(rows) - len(kept)} of {len(rows)} {name} pairs are longer than --max_length="
+                       f"{max_length} tokens and are left out; raise --max_length to keep them")
+    return kept
+
+
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> RewardTrainer:
     args = parse_args(RewardArgs, argv, __doc__)
     run = start_stage("reward", args)
@@ -63,6 +77,8 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     logger.info(f"{len(train_rows)} preference pairs, {len(eval_rows)} held out")
 
     tokenizer = AutoTokenizer.from_pretrained(init)
+    train_rows, eval_rows = (fitting_pairs(tokenizer, rows, args.max_length, name)
+                             for rows, name in ((train_rows, "training"), (eval_rows, "held-out")))
     model = load_reward_model(init, run.precision.dtype, tokenizer.pad_token_id)
     config = RewardConfig(
         **trainer_kwargs(args, run, has_eval=bool(eval_rows), include_num_input_tokens_seen=False),
