@@ -69,7 +69,7 @@ THINGS = ("apples", "pears", "eggs", "coins", "stickers", "shells")
 class DemoSizes:
     """Record counts per file, tuned for a few-M-parameter model on 2 CPU cores.
 
-    With ~1 token per word, digit or punctuation mark the defaults give roughly 450k pretraining
+    With ~1 token per word, digit or punctuation mark the defaults give roughly 600k pretraining
     tokens, 8k SFT chats (~300k tokens with the chat template), 3k DPO pairs and 2k RL prompts; eval files are small.
     ``rl_skill``: what the RL prompts ask, one of :data:`RL_SKILLS` (see :func:`rl_prompts`).
     """
@@ -573,14 +573,13 @@ def _dpo_one(w: _World) -> dict:
             q, good, value = _q_word(w, small=rng.random() < 0.3)
         mode = rng.random()
         a_b = re.match(r"(\d+) ([+-]) (\d+)[:=]", good)
-        if mode < 0.2 and a_b and (a_b.group(2) == "-" or int(a_b.group(1)) >= int(a_b.group(3))):
-            a, op, b = int(a_b.group(1)), a_b.group(2), int(a_b.group(3))
+        a, op, b = (int(a_b.group(1)), a_b.group(2), int(a_b.group(3))) if a_b else (0, "", 0)
+        if mode < 0.2 and a_b and (op == "-" or a >= b):
             wrong_op = "-" if op == "+" else "+"
             r = a - b if wrong_op == "-" else a + b
             bad = f"{_eq(a, wrong_op, b)} The answer is {r}."
-        elif mode < 0.5 and a_b and (slip := _forgot_carry(*(int(a_b.group(1)), a_b.group(2), int(a_b.group(3))))):
-            bad = good.replace(_eq(int(a_b.group(1)), a_b.group(2), int(a_b.group(3))), slip[0])
-            bad = f"{bad.rpartition(' The answer is')[0]} The answer is {slip[1]}."
+        elif mode < 0.5 and a_b and (slip := _forgot_carry(a, op, b)):
+            bad = f"{good.replace(_eq(a, op, b), slip[0]).rpartition(' The answer is')[0]} The answer is {slip[1]}."
         elif mode < 0.8:
             bad = _wrong_number(w, good, value)
         else:
@@ -612,7 +611,7 @@ def dpo_pairs(n: int, split: str, seed: int = 0) -> list[dict]:
 RL_SKILLS = ("copy", "one_digit_word", "word", "two_step")
 
 
-def _rl_one(w: _World, skill: str) -> tuple[str, object]:
+def _rl_one(w: _World, skill: str) -> tuple[str, str | int]:
     if skill == "copy":
         q, _, answer, _ = _q_world(w)
         return q, answer

@@ -109,6 +109,15 @@ def test_pairs_longer_than_max_length_are_left_out_loudly(rl_models):
     assert len(messages) == 1 and "1 of 3 held-out pairs are longer than --max_length" in messages[0]
 
 
+def test_reward_stage_with_every_pair_too_long_names_the_flag(rl_models, tmp_path):
+    from trainer.lib.stages import StageError
+    from trainer.train_5_reward import main
+
+    with pytest.raises(StageError, match="every preference pair is longer than --max_length=8"):
+        main(["--out_dir", str(tmp_path), "--init_from", str(rl_models["policy"]),
+              "--data", str(rl_models["dpo_train"]), "--eval_data", str(rl_models["dpo_eval"]), "--max_length", "8"])
+
+
 def test_rl_evaluation_tasks(rl_models, tmp_path, capsys):
     """scripts/evaluate.py's RL tasks: math_acc (a policy on RL prompts), rm_acc (the reward model
     on pairs, the same count as reward_model_accuracy), rm_score (a policy's greedy answers scored

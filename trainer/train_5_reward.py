@@ -31,9 +31,9 @@ from trl import RewardConfig, RewardTrainer
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer.lib.callbacks import HeldOutMetricCallback, attach_callbacks
 from trainer.lib.data import pair_rows, resolve_data, train_and_eval
-from trainer.lib.generation import chat_ids
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
+from trainer.lib.generation import chat_ids
 from trainer.lib.report import StageReport
 from trainer.lib.reward_model import load_reward_model, reward_model_accuracy
 from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     tokenizer = AutoTokenizer.from_pretrained(init)
     train_rows, eval_rows = (fitting_pairs(tokenizer, rows, args.max_length, name)
                              for rows, name in ((train_rows, "training"), (eval_rows, "held-out")))
+    if not train_rows:
+        raise StageError(f"{data.train}: every preference pair is longer than --max_length={args.max_length} "
+                         "tokens; raise --max_length")
     model = load_reward_model(init, run.precision.dtype, tokenizer.pad_token_id)
     config = RewardConfig(
         **trainer_kwargs(args, run, has_eval=bool(eval_rows), include_num_input_tokens_seen=False),
