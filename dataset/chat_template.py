@@ -4,13 +4,19 @@
     <|im_start|>user\nWhat is 2 + 3?<|im_end|>\n
     <|im_start|>assistant\n2 + 3 = 5. The answer is 5.<|im_end|>\n
 
+A user turn may also be a list of parts, `[{"type": "image"}, {"type": "text", "text": "..."}]`
+(transformers' multimodal chat format): an image part renders as `<image>`.
+
 `{% generation %}...{% endgeneration %}` marks what the assistant writes, including its closing
 <|im_end|> (the model must learn to stop), but not the header: trl's `assistant_only_loss` and our
 `inspect_data.py` read these marks to label only assistant tokens.
 """
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+# MiniMind-V's placeholder: one `<image>` in a user turn stands for one image. It is a special token
+# (one id, never split), and the VLM stage repeats it once per image patch before the LM sees it.
+IMAGE = "<image>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, IMAGE]
 
 CHAT_TEMPLATE = (
     "{%- if tools %}"
@@ -33,8 +39,14 @@ CHAT_TEMPLATE = (
     "{{- '<|im_end|>' }}"
     "{% endgeneration %}"
     "{{- '\\n' }}"
-    "{%- else %}"
+    "{%- elif message.content is string or not message.content %}"
     "{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- for part in message.content %}"
+    "{%- if part.type == 'image' %}{{- '<image>' }}{%- elif part.type == 'text' %}{{- part.text }}{%- endif %}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"

@@ -20,7 +20,7 @@ from loguru import logger
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dataset.chat_template import CHAT_TEMPLATE, ENDOFTEXT, IM_END, SPECIAL_TOKENS
+from dataset.chat_template import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE, SPECIAL_TOKENS
 from dataset.demo import tokenizer_corpus
 from dataset.jsonl import iter_records
 from trainer.lib.data import held_out_count, resolve_data
@@ -68,8 +68,10 @@ def build_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int) -
     )
     tok.train_from_iterator(texts, trainer)
     # <|im_end|> ends an assistant turn and separates pretraining documents: one stop token for both.
+    # `image_token` names the VLM placeholder for transformers' processors (LlavaProcessor reads it).
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT, unk_token=ENDOFTEXT,
+        extra_special_tokens={"image_token": IMAGE},
         chat_template=CHAT_TEMPLATE, model_max_length=32768, clean_up_tokenization_spaces=False,
     )
 
