@@ -134,20 +134,35 @@ def _concat(parts: Sequence[Generation], pad_id: int) -> Generation:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, sampling: Sampling = GREEDY,
-             batch_size: int | None = None, streamer=None, **generate_kwargs: Any) -> Generation:
+             batch_size: int | None = None, streamer=None, images: Sequence[Sequence[Any]] | None = None,
+             image_processor: Any = None, **generate_kwargs: Any) -> Generation:
     """Replies to `prompts` with `model.generate()` and its KV cache, `batch_size` prompts at a time
     (None = all at once). The model is put in eval mode (no dropout) and restored afterwards.
     `streamer` (a transformers streamer, one prompt) receives the text as it is written;
-    `generate_kwargs` go to `model.generate` as they are (min_new_tokens=...)."""
+    `generate_kwargs` go to `model.generate` as they are (min_new_tokens=...).
+    A VLM also takes `images` (the PIL images of each prompt, one per `<image>`) and its
+    `image_processor`: each `<image>` is expanded to the model's patch count and the pixels go along."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    if images is not None:
+        from dataset.images import to_pixels
+        from dataset.vlm import expand_image_tokens
+
+        cfg = model.config
+        encoded = [expand_image_tokens(e, cfg.image_token_id, cfg.image_seq_length) for e in encoded]
     step = batch_size or max(len(encoded), 1)
     parts = []
     for i in range(0, len(encoded), step):
         ids, mask = pad(encoded[i:i + step], tokenizer.pad_token_id, side="left")
         ids, mask = ids.to(device), mask.to(device)
+        if images is not None:
+            batch_images = [im for row in images[i:i + step] for im in row]
+            if batch_images:
+                generate_kwargs["pixel_values"] = to_pixels(image_processor, batch_images).to(device)
+            else:
+                generate_kwargs.pop("pixel_values", None)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              streamer=streamer, **sampling.generate_kwargs(), **generate_kwargs)
