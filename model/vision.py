@@ -41,6 +41,9 @@ class VisionConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"VisionConfig: hidden_act must be 'gelu_pytorch_tanh' (SigLIP's) or 'gelu', "
+                             f"got {self.hidden_act!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"VisionConfig: image_size ({self.image_size}) must be a multiple of "
                              f"patch_size ({self.patch_size})")

@@ -63,11 +63,11 @@ class MiniMindVLMConfig(PreTrainedConfig):
 
     @property
     def image_seq_length(self) -> int:
-        """How many `<image>` tokens stand for one image: one per patch (after CLS is dropped)."""
+        """How many `<image>` tokens stand for one image: one per feature the projector emits, i.e. the
+        patches, plus CLIP's CLS token, minus the first token when "default" drops it."""
         v = self.vision_config
-        n = (v.image_size // v.patch_size) ** 2
-        # CLIP adds a CLS token that "default" drops again, so N patches either way.
-        return n
+        cls = 1 if v.model_type.startswith("clip") else 0
+        return (v.image_size // v.patch_size) ** 2 + cls - (self.vision_feature_select_strategy == "default")
 
 
 def splice_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,

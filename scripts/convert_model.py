@@ -1,7 +1,9 @@
-"""Convert checkpoints between MiniMind and stock transformers Qwen3 / Qwen3-MoE.
+"""Convert checkpoints between MiniMind and stock transformers: Qwen3 / Qwen3-MoE, and MiniMind-V <-> Llava.
 
     python scripts/convert_model.py export training/sft/checkpoint-500 exported/qwen3
     python scripts/convert_model.py import exported/qwen3 training/imported
+    python scripts/convert_model.py export training/vlm/checkpoint-500 exported/llava
+    python scripts/convert_model.py import exported/llava training/imported-vlm
 
 `export` writes a directory that plain transformers loads with no code of ours
 (`AutoModelForCausalLM.from_pretrained(dir)` gives a `Qwen3ForCausalLM` or `Qwen3MoeForCausalLM`),
@@ -9,9 +11,24 @@ so vLLM, llama.cpp converters and the Hub tooling can read it. `import` goes the
 mapping is exact (same tensors, bit for bit; see model/convert.py); tokenizer files and
 generation_config.json are copied along.
 
+A MiniMind-V checkpoint (`minimind_vlm`) exports to a `LlavaForConditionalGeneration` directory
+(model/convert_vlm.py) with a `LlavaProcessor` beside it: the checkpoint's image processor
+(preprocessor_config.json, else SigLIP's default at the tower's image size), its tokenizer and its
+chat template. `AutoModelForImageTextToText` and `AutoProcessor` load it, and stock transformers
+answers about an image with no code of ours:
+
+    from transformers import pipeline
+    pipe = pipeline("image-text-to-text", model="exported/llava")
+    pipe(text=[{"role": "user", "content": [{"type": "image", "image": pil_image},
+                                            {"type": "text", "text": "What is in the picture?"}]}])
+
+The chat template renders an image part as one `<image>`; LlavaProcessor repeats it once per
+patch. `import` turns a Llava directory back into a MiniMind-V checkpoint (a SigLIP tower without
+its pooling head becomes our ViT; CLIP and other towers stay transformers modules).
+
 A checkpoint with no equivalent on the other side (residual dropout, sliding-window attention,
-another RoPE type, MoE with dense layers mixed in, another architecture) stops with a one-line
-error and exit code 2.
+another RoPE type, MoE with dense layers mixed in, a Llava with another language model or
+projector, another architecture) stops with a one-line error and exit code 2.
 """
 
 from __future__ import annotations
@@ -53,30 +70,64 @@ def run_export(src: Path, dst: Path, dtype: str | None) -> str:
     import torch
     from transformers import AutoConfig
 
-    import model  # noqa: F401  registers "minimind" with the Auto classes
-    from model import MiniMindForCausalLM
+    import model  # noqa: F401  registers "minimind" and "minimind_vlm" with the Auto classes
+    from model import MiniMindForCausalLM, MiniMindVLM
     from model.convert import to_qwen3
+    from model.convert_vlm import to_llava
 
     config = AutoConfig.from_pretrained(src)
-    if config.model_type != "minimind":
+    if config.model_type not in ("minimind", "minimind_vlm"):
         raise UsageError(f"{src} holds a {config.model_type!r} model, not a MiniMind one (did you mean 'import'?)")
-    ours = MiniMindForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype) if dtype else "auto")
-    theirs = to_qwen3(ours)
+    vlm = config.model_type == "minimind_vlm"
+    cls, convert = (MiniMindVLM, to_llava) if vlm else (MiniMindForCausalLM, to_qwen3)
+    ours = cls.from_pretrained(src, dtype=getattr(torch, dtype) if dtype else "auto")
+    theirs = convert(ours)
+    processor = llava_processor(src, ours.config) if vlm else None  # checked before anything is written
     dst.mkdir(parents=True, exist_ok=True)
     theirs.save_pretrained(dst, safe_serialization=True)
     copy_side_files(src, dst)
+    if processor is not None:
+        processor.save_pretrained(dst)
     return type(theirs).__name__
+
+
+def llava_processor(src: Path, config):
+    """What stock transformers needs to turn a chat with images into Llava's inputs: a LlavaProcessor
+    (image processor + tokenizer + chat template), or the image processor alone without a tokenizer."""
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    from dataset.images import load_image_processor
+
+    vision = config.vision_config
+    image_processor = load_image_processor(src, vision.image_size)
+    if not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return image_processor
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    image_token = getattr(tokenizer, "image_token", None) or "<image>"
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if image_token_id != config.image_token_id:
+        raise UsageError(f"the tokenizer in {src} maps {image_token} to id {image_token_id}, "
+                         f"but the model's image_token_id is {config.image_token_id}")
+    # The processor writes (S / patch)^2 + num_additional_image_tokens <image> tokens per image, one
+    # fewer under "default" (which drops the first token): CLIP's CLS is the one additional token.
+    extra = 1 if vision.model_type == "clip_vision_model" else 0
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          num_additional_image_tokens=extra, image_token=image_token,
+                          chat_template=tokenizer.chat_template)
 
 
 def run_import(src: Path, dst: Path, dtype: str | None) -> str:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, LlavaConfig, Qwen3Config, Qwen3MoeConfig
 
     from model.convert import from_qwen3
 
     config = AutoConfig.from_pretrained(src)
+    if type(config) is LlavaConfig:
+        return run_import_llava(src, dst, dtype)
     if type(config) not in (Qwen3Config, Qwen3MoeConfig):
-        raise UsageError(f"{src} holds a {config.model_type!r} model; only qwen3 and qwen3_moe can be imported")
+        raise UsageError(f"{src} holds a {config.model_type!r} model; only qwen3, qwen3_moe and llava can be imported")
     theirs = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype) if dtype else "auto")
     ours = from_qwen3(theirs)
     dst.mkdir(parents=True, exist_ok=True)
@@ -85,13 +136,31 @@ def run_import(src: Path, dst: Path, dtype: str | None) -> str:
     return type(ours).__name__
 
 
+def run_import_llava(src: Path, dst: Path, dtype: str | None) -> str:
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from model.convert_vlm import from_llava
+
+    theirs = AutoModelForImageTextToText.from_pretrained(src, dtype=getattr(torch, dtype) if dtype else "auto")
+    ours = from_llava(theirs)
+    dst.mkdir(parents=True, exist_ok=True)
+    ours.save_pretrained(dst, safe_serialization=True)
+    copy_side_files(src, dst)
+    if (src / "preprocessor_config.json").is_file() or (src / "processor_config.json").is_file():
+        AutoImageProcessor.from_pretrained(src).save_pretrained(dst)  # our checkpoints keep preprocessor_config.json
+    return type(ours).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert_model.py", description=__doc__.split("\n\n")[0],
         epilog="Exit codes: 0 done, 2 bad input or a checkpoint with no equivalent on the other side.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{export,import}")
-    for name, help_text in (("export", "MiniMind checkpoint -> stock Qwen3 / Qwen3-MoE directory"),
-                            ("import", "stock Qwen3 / Qwen3-MoE directory -> MiniMind checkpoint")):
+    for name, help_text in (("export", "MiniMind checkpoint -> stock Qwen3 / Qwen3-MoE directory; "
+                                       "MiniMind-V checkpoint -> stock Llava directory"),
+                            ("import", "stock Qwen3 / Qwen3-MoE directory -> MiniMind checkpoint; "
+                                       "stock Llava directory -> MiniMind-V checkpoint")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("src_dir", type=Path, help="directory with config.json and the weights")
         p.add_argument("dst_dir", type=Path, help="output directory (created)")
