@@ -7,9 +7,11 @@
     python scripts/evaluate.py --stage grpo --task math_acc                # greedy accuracy on RL prompts
     python scripts/evaluate.py --stage reward --task rm_acc                # reward model on held-out pairs
     python scripts/evaluate.py --stage ppo --task rm_score --reward_model reward
+    python scripts/evaluate.py --stage vlm --task vlm_acc                  # VLM, real vs black image
+    python scripts/evaluate.py --stage vlm --task vlm_acc --data ../shared/data/vlm_mnist.parquet
 
-Tasks (trainer/lib/tasks.py, TASKS): ppl, answer_acc, pref_acc, loglik_acc; math_acc, rm_acc, rm_score (RL).
-Without --data a task reads the demo world's held-out file (generated into <out_dir>/demo_data/).
+Tasks (trainer/lib/tasks.py, TASKS): ppl, answer_acc, pref_acc, loglik_acc; math_acc, rm_acc, rm_score (RL);
+vlm_acc (VLM). Without --data a task reads the demo world's held-out file (generated into <out_dir>/demo_data/).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, help="stage name (latest checkpoint under --out_dir) or a model dir")
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="what to measure")
-    p.add_argument("--data", default=None, help="held-out jsonl; default: the demo file the task reads")
+    p.add_argument("--data", default=None, help="held-out jsonl (vlm_acc: parquet or jsonl); default: the demo "
+                                                "file the task reads")
+    p.add_argument("--image_dir", default=None, help="vlm_acc: folder a jsonl's image paths are relative to")
     p.add_argument("--limit", type=int, default=None, help="use at most N records")
     p.add_argument("--out_dir", default="training", help="root of the stages' outputs")
     p.add_argument("--ref", default=None, help="reference model for pref_acc (default: the stage's parent)")
@@ -54,11 +58,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise StageError(f"--data {data}: no such file")
     else:
         from dataset.demo import write_demo_data
-        data = write_demo_data(out_dir / "demo_data")[TASKS[args.task].default_data]
+        from dataset.demo_vision import write_vlm_demo_data
+
+        default = TASKS[args.task].default_data
+        write = write_vlm_demo_data if default.startswith("vlm_") else write_demo_data
+        data = write(out_dir / "demo_data")[default]
     req = EvalRequest(stage=args.stage, model_dir=model_dir, data=data, out_dir=out_dir, limit=args.limit,
                       ref=args.ref, device=pick_precision(args.device).device, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, max_length=args.max_length, beta=args.beta,
-                      reward_model=args.reward_model)
+                      reward_model=args.reward_model, image_dir=Path(args.image_dir) if args.image_dir else None)
     result = evaluate(req, args.task)
     if not args.examples:
         result.pop("examples", None)

@@ -5,11 +5,14 @@
     python scripts/test_chat.py --stage dpo --temperature 0.7 --top_p 0.9
     python scripts/test_chat.py --stage sft --prompt "What is 23 + 45?" --prompt "And minus 5?"
     python scripts/test_chat.py --stage training/sft/checkpoint-500 --system "You are a careful math tutor."
+    python scripts/test_chat.py --stage vlm --image scene.png --prompt "What colour is the circle?"
 
 A pretrained model only knows how to continue text, so `--stage pretrain` feeds your words as they
 are. Chat stages (sft, dpo, grpo, ppo...) were trained on the chat template, so every turn is
 rendered with it (`<|im_start|>user ... <|im_end|>` then `<|im_start|>assistant`), the whole
 conversation so far included: that is how the model "remembers" earlier turns.
+A VLM (`--stage vlm`) reads `--image`: the first user turn gets `<image>` put in front of it (unless
+you typed one), and the image's patches stand in for it in every later turn too.
 `--temperature 0` decodes greedily (always the most likely token); above 0 it samples, after
 `--top_k` / `--top_p` cut the unlikely tail and `--repetition_penalty` damps tokens already seen.
 """
@@ -23,9 +26,11 @@ from pathlib import Path
 from threading import Thread
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, TextIteratorStreamer
 
 import model as _registers_minimind  # noqa: F401  (Auto classes learn model_type "minimind")
+from dataset.chat_template import IMAGE
+from dataset.images import decode_image, load_image_processor
 from trainer.lib.generation import Prompt, Sampling, generate
 from trainer.lib.runtime import pick_precision, run_main, setup_logging
 from trainer.lib.stages import STAGES, StageError, creating_command, resolve_stage_or_path, stage_output
@@ -46,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens only (0 = off)")
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 makes already-seen tokens less likely")
     p.add_argument("--seed", type=int, default=None, help="seed the sampler (reproducible replies)")
+    p.add_argument("--image", default=None, help="VLM stages: the image (png/jpg...) the conversation is about")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p
 
@@ -64,10 +70,14 @@ def resolve_model_dir(stage: str, out_dir: Path) -> Path:
 
 
 def load(model_dir: Path, device: str = "auto"):
+    """(model, tokenizer, image processor or None): a VLM checkpoint loads as one, with its processor."""
     precision = pick_precision(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=precision.dtype).to(precision.device).eval()
-    return model, tokenizer
+    is_vlm = AutoConfig.from_pretrained(model_dir).model_type == "minimind_vlm"
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, dtype=precision.dtype).to(precision.device).eval()
+    processor = load_image_processor(model_dir, model.config.vision_config.image_size) if is_vlm else None
+    return model, tokenizer, processor
 
 
 def sampling_of(args: argparse.Namespace) -> Sampling:
@@ -79,9 +89,10 @@ class Chat:
     """A conversation: the history of messages (chat mode) and how one turn becomes model input."""
 
     def __init__(self, model, tokenizer, chat: bool, system: str | None, sampling: Sampling,
-                 max_new_tokens: int = 128, **generate_kwargs):
+                 max_new_tokens: int = 128, image=None, image_processor=None, **generate_kwargs):
         self.model, self.tokenizer, self.chat, self.system = model, tokenizer, chat, system
         self.sampling, self.max_new_tokens, self.generate_kwargs = sampling, max_new_tokens, generate_kwargs
+        self.image, self.image_processor = image, image_processor
         self.reset()
 
     def reset(self) -> None:
@@ -91,6 +102,8 @@ class Chat:
         """The model input for a new user turn: the whole conversation so far (chat) or the text (plain)."""
         if not self.chat:
             return text
+        if self.image is not None and not any(m["role"] == "user" for m in self.messages) and IMAGE not in text:
+            text = f"{IMAGE}\n{text}"  # the image comes first, as in MiniMind-V's data
         self.messages.append({"role": "user", "content": text})
         return list(self.messages)
 
@@ -100,9 +113,14 @@ class Chat:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         prompt, result = self.prompt(text), {}
 
+        vision = {}
+        if self.image is not None:
+            n = sum(m["content"].count(IMAGE) for m in prompt if m["role"] == "user") if self.chat else 0
+            vision = {"images": [[self.image] * n], "image_processor": self.image_processor}
+
         def work() -> None:
             result["reply"] = generate(self.model, self.tokenizer, [prompt], self.max_new_tokens, self.sampling,
-                                       streamer=streamer, **self.generate_kwargs).texts[0]
+                                       streamer=streamer, **vision, **self.generate_kwargs).texts[0]
 
         thread = Thread(target=work)
         thread.start()
@@ -158,13 +176,24 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, str]]:
     model_dir = resolve_model_dir(args.stage, out_dir)
     plain = args.mode == "plain" or (args.mode == "auto" and (
         args.stage == "pretrain" or model_dir.parent.name == "pretrain"))
-    model, tokenizer = load(model_dir, args.device)
+    model, tokenizer, processor = load(model_dir, args.device)
     if not plain and not tokenizer.chat_template:
         raise StageError(f"{model_dir}: the tokenizer has no chat template; use --mode plain")
+    image = None
+    if args.image:
+        if processor is None:
+            raise StageError(f"--image: {model_dir} is a language model, not a VLM; chat about images with "
+                             f"--stage vlm (python trainer/train_7_vlm.py trains it)")
+        try:
+            image = decode_image(Path(args.image))
+        except (OSError, ValueError) as e:
+            raise StageError(f"--image {args.image}: not a readable image ({e})") from e
+    elif processor is not None:
+        raise StageError(f"{model_dir} is a VLM: pass --image PATH (the picture to talk about)")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     chat = Chat(model, tokenizer, chat=not plain, system=args.system, sampling=sampling_of(args),
-                max_new_tokens=args.max_new_tokens)
+                max_new_tokens=args.max_new_tokens, image=image, image_processor=processor)
     mode = "plain continuation" if plain else "chat"
     print(f"[{model_dir}: {mode}; " + ("" if args.prompt else "/reset clears the history, exit or Ctrl-D quits; ")
           + f"temperature {args.temperature}]", flush=True)

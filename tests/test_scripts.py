@@ -47,7 +47,7 @@ def test_chat_multi_turn_keeps_history(plumb_chat_out, capsys):
     for _, reply in turns:
         assert f"assistant: {reply}\n" in out
 
-    model, tok = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
+    model, tok, _ = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
     chat = test_chat.Chat(model, tok, chat=True, system="Be brief.", sampling=Sampling(), max_new_tokens=3)
     first = chat.turn("What is 2 + 3?", lambda s: None)
     ids = prompt_ids(tok, chat.prompt("And 4 + 4?"))
@@ -62,7 +62,7 @@ def test_chat_multi_turn_keeps_history(plumb_chat_out, capsys):
 
 @pytest.mark.parametrize("sample", [False, True])
 def test_chat_streamed_text_equals_final_text(plumb_chat_out, sample):
-    model, tok = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
+    model, tok, _ = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
     args = test_chat.build_parser().parse_args(["--temperature", "1.0" if sample else "0", "--max_new_tokens", "24"])
     chat = test_chat.Chat(model, tok, chat=True, system=None, sampling=test_chat.sampling_of(args),
                           max_new_tokens=args.max_new_tokens, min_new_tokens=24)  # no early stop: a long reply

@@ -191,3 +191,46 @@ def answer_items(path: Path, limit: int | None) -> tuple[list[Messages], list[li
     if not prompts:
         raise StageError(f"{path}: no record with a reference answer (a 'The answer is X.' line or 'gt')")
     return prompts, golds
+
+
+def same_answer(reply: str, gold: str) -> bool:
+    """Short VLM answers match when equal after case, surrounding space and a final period are ignored."""
+    def norm(text: str) -> str:
+        return " ".join(text.strip().lower().rstrip(".!").split())
+
+    return norm(reply) == norm(gold)
+
+
+def vlm_accuracy(model, tokenizer, image_processor, records: Sequence[dict], blank: bool = False,
+                 max_new_tokens: int = 16, batch_size: int = 32) -> dict[str, Any]:
+    """Greedy replies of a VLM to held-out image questions (records of `dataset.vlm`: the last turn is
+    the reference answer), matched with `same_answer`. `blank`: every image replaced by a black one
+    of the same size, the control that shows how much the answer depends on the image.
+    Returns accuracy, stderr, n, by_kind (`dataset.demo_vision.question_kind`, demo questions) and examples."""
+    from dataset.demo_vision import question_kind
+    from dataset.images import blank_like, decode_image
+
+    prompts, golds, images = [], [], []
+    for rec in records:
+        msgs = rec["messages"]
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            continue
+        prompts.append(msgs[:-1])
+        golds.append(msgs[-1]["content"])
+        pics = [decode_image(b) for b in rec["images"]]
+        images.append([blank_like(p) for p in pics] if blank else pics)
+    if not prompts:
+        raise StageError("no held-out record ends with an assistant answer to compare against")
+    replies = generate(model, tokenizer, prompts, max_new_tokens, GREEDY, batch_size,
+                       images=images, image_processor=image_processor).texts
+    correct = [same_answer(r, g) for r, g in zip(replies, golds)]
+    groups: dict[str, list[bool]] = {}
+    for p, c in zip(prompts, correct):
+        groups.setdefault(question_kind(p[-1]["content"]), []).append(c)
+    accuracy = sum(correct) / len(correct)
+    return {
+        "accuracy": accuracy, "stderr": binomial_stderr(accuracy, len(correct)), "n": len(correct),
+        "by_kind": {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(groups.items())},
+        "examples": [{"prompt": p[-1]["content"], "reply": r, "gold": g, "correct": c}
+                     for p, r, g, c in list(zip(prompts, replies, golds, correct))[:3]],
+    }

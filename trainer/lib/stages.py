@@ -28,7 +28,6 @@ class Stage:
 
 
 # Course order. `parent` is where a stage starts from by default (PPO also reads the reward model).
-# The VLM stage (trainer/train_7_vlm.py) is not written yet, so it is not registered.
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("tokenizer", "trainer/train_0_tokenizer.py", None),
     Stage("pretrain", "trainer/train_1_pretrain.py", "tokenizer"),
@@ -37,6 +36,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("grpo", "trainer/train_4_grpo.py", "dpo"),
     Stage("reward", "trainer/train_5_reward.py", "sft"),
     Stage("ppo", "trainer/train_6_ppo.py", "dpo"),
+    Stage("vlm", "trainer/train_7_vlm.py", "sft"),
 ]}
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

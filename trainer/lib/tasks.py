@@ -35,13 +35,14 @@ class EvalRequest:
     max_length: int = 256
     beta: float = 0.1
     reward_model: str | None = None  # rm_score: a stage name or model dir (default: the reward stage)
+    image_dir: Path | None = None    # vlm_acc: folder of a jsonl's images
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     run: Callable[[EvalRequest], dict[str, Any]]
-    default_data: str          # demo file used without --data (a key of dataset.demo.write_demo_data)
+    default_data: str          # demo file used without --data (a key of write_demo_data / write_vlm_demo_data)
     help: str
 
 
@@ -161,6 +162,34 @@ def task_rm_score(req: EvalRequest) -> dict[str, Any]:
             "rm_score_std": scores.std().item() if len(scores) > 1 else 0.0, "reward_model": str(rm_path),
             "examples": [{"prompt": p[-1]["content"], "reply": r, "score": s}
                          for p, r, s in list(zip(prompts, replies, scores.tolist()))[:3]]}
+
+
+@register_task("vlm_acc", "vlm_qa_eval", "VLM (--stage vlm): greedy one-word answers about each image, and "
+                                        "the same questions with a black image")
+def task_vlm_acc(req: EvalRequest) -> dict[str, Any]:
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    import model  # noqa: F401  (registers the VLM with the Auto classes)
+    from dataset.images import load_image_processor
+    from dataset.jsonl import DataError
+    from dataset.vlm import load_vlm_records
+    from trainer.lib.metrics import vlm_accuracy
+
+    try:
+        records = load_vlm_records(req.data, req.image_dir)[: req.limit]
+    except DataError as e:
+        raise StageError(str(e)) from e
+    vlm = AutoModelForImageTextToText.from_pretrained(req.model_dir).to(req.device).eval()
+    if vlm.config.model_type != "minimind_vlm":
+        raise StageError(f"--stage {req.stage}: {req.model_dir} holds a {vlm.config.model_type!r} model, not a "
+                         f"MiniMind VLM (train one with python trainer/train_7_vlm.py)")
+    tok = AutoTokenizer.from_pretrained(req.model_dir)
+    processor = load_image_processor(req.model_dir, vlm.config.vision_config.image_size)
+    real = vlm_accuracy(vlm, tok, processor, records, batch_size=max(req.batch_size, 32))
+    blank = vlm_accuracy(vlm, tok, processor, records, blank=True, batch_size=max(req.batch_size, 32))
+    return {"n": real["n"], "vlm_acc": real["accuracy"], "stderr": real["stderr"],
+            "vlm_acc_blank_image": blank["accuracy"], "by_kind": real["by_kind"],
+            "by_kind_blank_image": blank["by_kind"], "examples": real["examples"]}
 
 
 def evaluate(req: EvalRequest, task: str) -> dict[str, Any]:
