@@ -654,6 +654,17 @@ DEMO_FILES = ("pretrain_train", "pretrain_eval", "sft_train", "sft_eval",
               "dpo_train", "dpo_eval", "rl_train", "rl_eval")
 
 
+def is_current(manifest_path: Path, manifest: dict, files: Iterable[Path]) -> bool:
+    """True when every file exists and the manifest on disk equals `manifest` (version + sizes):
+    then a demo writer has nothing to rewrite."""
+    if not manifest_path.is_file() or not all(p.is_file() for p in files):
+        return False
+    try:
+        return json.loads(manifest_path.read_text()) == manifest
+    except json.JSONDecodeError:
+        return False
+
+
 def write_demo_data(out_dir: str | Path, sizes: DemoSizes | None = None) -> dict[str, Path]:
     """Write the demo world as MiniMind jsonl files and return ``{"pretrain_train": Path, ...}``.
 
@@ -667,12 +678,8 @@ def write_demo_data(out_dir: str | Path, sizes: DemoSizes | None = None) -> dict
     paths = {name: out_dir / f"{name}.jsonl" for name in DEMO_FILES}
     manifest_path = out_dir / "demo_manifest.json"
     manifest = {"version": DEMO_VERSION, "sizes": asdict(sizes)}
-    if manifest_path.is_file() and all(p.is_file() for p in paths.values()):
-        try:
-            if json.loads(manifest_path.read_text()) == manifest:
-                return paths
-        except json.JSONDecodeError:
-            pass
+    if is_current(manifest_path, manifest, paths.values()):
+        return paths
     seed = sizes.seed
     for split in ("train", "eval"):
         texts = pretrain_texts(getattr(sizes, f"pretrain_{split}"), split, seed)

@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from dataset.chat_template import IMAGE
-from dataset.demo import COLOURS, split_of
+from dataset.demo import COLOURS, is_current, split_of
 
 VISION_DEMO_VERSION = 1
 IMAGE_SIZE = 48
@@ -346,12 +346,8 @@ def write_vlm_demo_data(out_dir: str | Path, sizes: VisionDemoSizes | None = Non
     paths = {name: out_dir / f"{name}.parquet" for name in VISION_DEMO_FILES}
     manifest_path = out_dir / "vlm_demo_manifest.json"
     manifest = {"version": VISION_DEMO_VERSION, "sizes": asdict(sizes)}
-    if manifest_path.is_file() and all(p.is_file() for p in paths.values()):
-        try:
-            if json.loads(manifest_path.read_text()) == manifest:
-                return paths
-        except json.JSONDecodeError:
-            pass
+    if is_current(manifest_path, manifest, paths.values()):
+        return paths
     for split in ("train", "eval"):
         _write_parquet(paths[f"vlm_caption_{split}"], caption_records(getattr(sizes, f"caption_{split}"), split, sizes.seed))
         _write_parquet(paths[f"vlm_qa_{split}"], qa_records(getattr(sizes, f"qa_{split}"), split, sizes.seed))

@@ -124,6 +124,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return total / max(count, 1) if not isinstance(count, torch.Tensor) else total / count.clamp(min=1)
 
 
+def keep_positions(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, H] at the positions the LM head must score: all (0), the last k (int k), or
+    those of an index tensor. Skipping the vocab projection elsewhere saves time."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+    return hidden[:, logits_to_keep]
+
+
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -149,12 +157,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states)
-        hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        else:
-            hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(keep_positions(out.last_hidden_state, logits_to_keep))
         aux_loss = out.router_logits
         loss = None
         if labels is not None:

@@ -27,7 +27,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import MiniMindConfig
-from .modeling import MiniMindModel, MiniMindPreTrainedModel, causal_lm_loss
+from .modeling import MiniMindModel, MiniMindPreTrainedModel, causal_lm_loss, keep_positions
 from .projector import Projector
 from .vision import VisionTransformer
 
@@ -138,11 +138,6 @@ class MiniMindVLM(MiniMindPreTrainedModel, GenerationMixin):
                 inputs_embeds = splice_image_features(inputs_embeds, input_ids, features, self.config.image_token_id)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache)
-        hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        else:
-            hidden = hidden[:, logits_to_keep]
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(keep_positions(out.last_hidden_state, logits_to_keep))
         loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch")) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
