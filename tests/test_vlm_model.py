@@ -194,3 +194,15 @@ def test_build_vlm_loads_every_lm_weight_and_refuses_a_tokenizer_without_image(s
     assert all(torch.equal(v, ours[k]) for k, v in lm.state_dict().items())
     with pytest.raises(StageError, match="has no <image> token"):
         build_vlm(lm_dir, data_tokenizer)
+
+
+def test_minimind_v_mnist_files_load_in_both_formats(data_shared_dir):
+    """The real handwritten digits of ../shared/data in MiniMind-V's parquet and in jsonl + image dir."""
+    from dataset.images import decode_image
+
+    parquet = load_vlm_records(data_shared_dir / "vlm_mnist.parquet")
+    jsonl = load_vlm_records(data_shared_dir / "vlm_mnist.jsonl", data_shared_dir)
+    assert len(parquet) == len(jsonl) == 2000
+    assert parquet[0]["images"] == jsonl[0]["images"]  # the same PNG bytes either way
+    assert decode_image(parquet[0]["images"][0]).size == (28, 28)
+    assert {r["messages"][-1]["content"] for r in parquet} == {str(d) for d in range(10)}
