@@ -97,3 +97,11 @@ def test_chat_and_evaluate_read_the_image(stage_copy, tmp_path, capsys):
     evaluate = load_script("evaluate")
     result = evaluate.main(["--stage", str(out), "--task", "vlm_acc", "--data", str(data), "--limit", "6"])
     assert result["n"] == 6 and 0 <= result["vlm_acc"] <= 1 and "vlm_acc_blank_image" in result
+
+
+def test_vlm_acc_on_a_language_model_says_so(stage_copy, tmp_path):
+    data = tmp_path / "colours.parquet"
+    colour_parquet(data, 4)
+    evaluate = load_script("evaluate")
+    with pytest.raises(StageError, match="holds a 'minimind' model, not a MiniMind VLM"):
+        evaluate.main(["--stage", str(stage_copy / "pretrain" / "checkpoint-1"), "--task", "vlm_acc", "--data", str(data)])

@@ -167,7 +167,7 @@ def task_rm_score(req: EvalRequest) -> dict[str, Any]:
 @register_task("vlm_acc", "vlm_qa_eval", "VLM (--stage vlm): greedy one-word answers about each image, and "
                                         "the same questions with a black image")
 def task_vlm_acc(req: EvalRequest) -> dict[str, Any]:
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     import model  # noqa: F401  (registers the VLM with the Auto classes)
     from dataset.images import load_image_processor
@@ -179,10 +179,11 @@ def task_vlm_acc(req: EvalRequest) -> dict[str, Any]:
         records = load_vlm_records(req.data, req.image_dir)[: req.limit]
     except DataError as e:
         raise StageError(str(e)) from e
-    vlm = AutoModelForImageTextToText.from_pretrained(req.model_dir).to(req.device).eval()
-    if vlm.config.model_type != "minimind_vlm":
-        raise StageError(f"--stage {req.stage}: {req.model_dir} holds a {vlm.config.model_type!r} model, not a "
+    model_type = AutoConfig.from_pretrained(req.model_dir).model_type
+    if model_type != "minimind_vlm":
+        raise StageError(f"--stage {req.stage}: {req.model_dir} holds a {model_type!r} model, not a "
                          f"MiniMind VLM (train one with python trainer/train_7_vlm.py)")
+    vlm = AutoModelForImageTextToText.from_pretrained(req.model_dir).to(req.device).eval()
     tok = AutoTokenizer.from_pretrained(req.model_dir)
     processor = load_image_processor(req.model_dir, vlm.config.vision_config.image_size)
     real = vlm_accuracy(vlm, tok, processor, records, batch_size=max(req.batch_size, 32))
