@@ -304,7 +304,7 @@ def iter_records(
             except UnicodeDecodeError as err:
                 n_nonblank += 1
                 error = DataError(path, lineno, None, f"not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})")
-                _handle(error, skip_bad_lines, report)
+                skip_or_raise(error, skip_bad_lines, report)
                 continue
             if not text.strip():
                 continue
@@ -312,7 +312,7 @@ def iter_records(
             try:
                 record = _parse(text, kind)
             except _FieldError as err:
-                _handle(DataError(path, lineno, err.field, err.reason), skip_bad_lines, report)
+                skip_or_raise(DataError(path, lineno, err.field, err.reason), skip_bad_lines, report)
                 continue
             report.records += 1
             yield record
@@ -325,7 +325,8 @@ def iter_records(
         raise DataError(path, None, None, f"no valid records ({report.skipped} bad lines skipped)")
 
 
-def _handle(error: DataError, skip: bool, report: LoadReport) -> None:
+def skip_or_raise(error: DataError, skip: bool, report: LoadReport) -> None:
+    """Raise `error`, or (with skip_bad_lines) count it and keep the first few in `report`."""
     if not skip:
         raise error
     report.skipped += 1

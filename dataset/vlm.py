@@ -32,7 +32,7 @@ from loguru import logger
 from PIL import Image
 
 from dataset.chat_template import IMAGE
-from dataset.jsonl import MAX_REPORTED_ERRORS, DataError, LoadReport, normalise_record
+from dataset.jsonl import DataError, LoadReport, normalise_record, skip_or_raise
 
 
 def _image_count(messages: list[dict]) -> int:
@@ -126,11 +126,7 @@ def iter_vlm_records(path: str | Path, image_dir: str | Path | None = None, *, s
 
 
 def _skip_or_raise(err: DataError, skip: bool, report: LoadReport) -> None:
-    if not skip or err.line is None:  # a whole-file problem cannot be skipped
-        raise err
-    report.skipped += 1
-    if len(report.errors) < MAX_REPORTED_ERRORS:
-        report.errors.append(err)
+    skip_or_raise(err, skip and err.line is not None, report)  # a whole-file problem cannot be skipped
 
 
 def load_vlm_records(path: str | Path, image_dir: str | Path | None = None, skip_bad_lines: bool = False) -> list[dict]:

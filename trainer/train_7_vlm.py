@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from loguru import logger
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Trainer, TrainingArguments
 
@@ -191,9 +190,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             report.before("vlm_accuracy_blank_image", lambda: accuracy(True), higher_is_better=False, n=len(questions))
         trainer = train_phase(args, phase_run, phase, vlm, tokenizer, processor, train_rows, eval_rows)
     if report is not None:
-        with torch.no_grad():
-            report.after("vlm_accuracy", accuracy(False))
-            report.after("vlm_accuracy_blank_image", accuracy(True))
+        report.after("vlm_accuracy", accuracy(False))
+        report.after("vlm_accuracy_blank_image", accuracy(True))
         report.save(trainer.state.global_step)
     out = latest_checkpoint(run.dir if phases[-1] == "2" else align_run.dir)
     logger.info(f"saved {out}; chat with it: python scripts/test_chat.py --stage vlm --image PATH")

@@ -157,15 +157,11 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, s
     for i in range(0, len(encoded), step):
         ids, mask = pad(encoded[i:i + step], tokenizer.pad_token_id, side="left")
         ids, mask = ids.to(device), mask.to(device)
-        if images is not None:
-            batch_images = [im for row in images[i:i + step] for im in row]
-            if batch_images:
-                generate_kwargs["pixel_values"] = to_pixels(image_processor, batch_images).to(device)
-            else:
-                generate_kwargs.pop("pixel_values", None)
+        batch_images = [im for row in images[i:i + step] for im in row] if images is not None else []
+        pixels = {"pixel_values": to_pixels(image_processor, batch_images).to(device)} if batch_images else {}
         out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             streamer=streamer, **sampling.generate_kwargs(), **generate_kwargs)
+                             streamer=streamer, **pixels, **sampling.generate_kwargs(), **generate_kwargs)
         completion = out[:, ids.shape[1]:]
         completion_mask, finished = completion_mask_until_eos(completion, tokenizer.eos_token_id)
         completion = torch.where(completion_mask.bool(), completion, tokenizer.pad_token_id)
