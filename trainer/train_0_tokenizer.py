@@ -102,7 +102,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         n_records = count_records(data.train)
         n_train = n_records - held_out_count(n_records, args.max_eval_texts)
         train_texts = texts_of(data.train, args.skip_bad_lines, stop=n_train)
-    tokenizer = build_tokenizer(islice(train_texts, args.max_texts), args.vocab_size, args.min_frequency)
+    seen = [0]  # texts the trainer read, for the report card
+
+    def counted(texts: Iterator[str]) -> Iterator[str]:
+        for text in texts:
+            seen[0] += 1
+            yield text
+
+    tokenizer = build_tokenizer(counted(islice(train_texts, args.max_texts)), args.vocab_size, args.min_frequency)
     logger.info(f"trained a vocabulary of {len(tokenizer)} tokens (asked for {args.vocab_size})")
 
     if data.eval is not None:
@@ -115,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report = StageReport(run)  # before: raw UTF-8 bytes, one byte per token
     report.before("bytes_per_token", 1.0, higher_is_better=True)
     report.after("bytes_per_token", result["bytes_per_token"])
-    report.save(step=0)
+    report.save(step=0, samples=seen[0])
 
     out = run.dir
     tokenizer.save_pretrained(out)

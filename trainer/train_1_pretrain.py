@@ -29,7 +29,7 @@ from trainer.lib.callbacks import SampleCallback, attach_callbacks
 from trainer.lib.data import hold_out, resolve_data
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
-from trainer.lib.report import StageReport
+from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
 from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resume_checkpoint
 
@@ -107,13 +107,13 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     attach_callbacks(trainer, SampleCallback(trainer, tokenizer, args.sample_prompts.split("|"), chat=False))
     report = StageReport(run, resume=args.resume)
     # Before: the untrained model, about log(vocab) nats.
-    report.before("eval_loss", lambda: trainer.evaluate()["eval_loss"], higher_is_better=False)
+    report.before("eval_loss", lambda: trainer.evaluate()["eval_loss"], higher_is_better=False, baseline=baseline)
     trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
 
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     metrics = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else trainer.evaluate()
     report.after("eval_loss", metrics["eval_loss"])
-    report.save(trainer.state.global_step)
+    report.save(trainer.state.global_step, **trainer_seen(trainer))
     logger.info(f"held-out loss {metrics['eval_loss']:.3f} (perplexity {math.exp(metrics['eval_loss']):.2f}) "
                 f"vs unigram baseline {baseline:.3f}; saved {latest_checkpoint(run.dir)}")
     logger.info("next: python trainer/train_2_sft.py  (or chat: python scripts/test_chat.py --stage pretrain)")

@@ -40,8 +40,8 @@ from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFl
                                TrainerFlags, flag, parse_args)
 from trainer.lib.generation import REPLY_TOKENS, chat_ids
 from trainer.lib.lora import LoraFlags, build_model, save_merged
-from trainer.lib.metrics import answer_accuracy, chat_answer_items
-from trainer.lib.report import StageReport
+from trainer.lib.metrics import chat_answer_items, logged_answer_accuracy
+from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.runtime import StageRun, run_main, start_stage, trainer_kwargs
 from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resume_checkpoint
 
@@ -111,12 +111,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     prompts, golds = prompts[: args.eval_answers], golds[: args.eval_answers]
     if prompts:
         def accuracy(lm) -> float:
-            acc = answer_accuracy(lm.to(trainer.args.device), tokenizer, prompts, golds, args.max_new_tokens)
-            skills = ", ".join(f"{k} {v['accuracy']:.0%} of {v['n']}" for k, v in acc["by_skill"].items())
-            logger.info(f"held-out answer accuracy (greedy, {acc['n']} conversations): {acc['accuracy']:.1%} "
-                        f"+- {acc['stderr']:.1%} ({acc['answered']:.0%} state an answer)"
-                        + (f"; by skill: {skills}" if skills else ""))
-            return acc["accuracy"]
+            return logged_answer_accuracy(lm.to(trainer.args.device), tokenizer, prompts, golds, args.max_new_tokens)
 
         report.before("answer_accuracy", lambda: accuracy(trainer.model), higher_is_better=True, n=len(prompts))
     trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
@@ -130,7 +125,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     if prompts:
         report.after("answer_accuracy", accuracy(trained))
         trainer.log({"eval_answer_accuracy": report.metrics["answer_accuracy"]["after"]})  # -> TensorBoard too
-    report.save(trainer.state.global_step)
+    report.save(trainer.state.global_step, **trainer_seen(trainer))
     logger.info(f"saved {latest_checkpoint(run.dir)}")
     logger.info("next: python trainer/train_3_dpo.py  (or chat: python scripts/test_chat.py --stage sft)")
     return trainer

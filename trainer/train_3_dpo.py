@@ -17,7 +17,9 @@ down; on the demo it then drops digits and loses most of the SFT model's held-ou
 TensorBoard shows rewards/chosen, rewards/rejected, rewards/margins (r_c - r_r) and rewards/accuracies
 (share of pairs with r_c > r_r), for train and eval. Before and after training the stage measures, on
 the held-out pairs, the preference accuracy (implicit reward, ties 1/2: 0.5 before, since the policy is
-still the reference) and the log-likelihood accuracy (log pi(chosen) > log pi(rejected)).
+still the reference) and the log-likelihood accuracy (log pi(chosen) > log pi(rejected)), and the
+greedy answer accuracy on --eval_answers of the pairs' prompts (graded against the chosen reply's
+answer line): what DPO keeps of what SFT taught.
 
     python trainer/train_3_dpo.py                                # from the latest SFT checkpoint
     python trainer/train_3_dpo.py --loss_type ipo --beta 0.5
@@ -40,8 +42,8 @@ from trainer.lib.callbacks import SampleCallback, attach_callbacks
 from trainer.lib.data import pair_rows, resolve_data, train_and_eval
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
-from trainer.lib.metrics import loglik_accuracy, pair_logprobs, preference_accuracy
-from trainer.lib.report import StageReport
+from trainer.lib.metrics import chat_answer_items, logged_answer_accuracy, loglik_accuracy, pair_logprobs, preference_accuracy
+from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
 from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resume_checkpoint
 
@@ -63,6 +65,8 @@ class DPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, Ha
     label_smoothing: float = flag(0.0, "assumed share of flipped labels, in [0, 0.5); used by --loss_type robust")
     sft_weight: float = flag(1.0, "weight of an extra NLL loss on the chosen replies (RPO); 0 = pure DPO")
     max_eval_pairs: int = flag(200, "held-out pairs for the eval rewards")
+    eval_answers: int = flag(100, "held-out pair prompts answered greedily before and after, graded against the "
+                                  "chosen reply's answer line: what DPO keeps of SFT's accuracy (0 = skip)")
     sample_prompts: str = flag("What is 23 + 45?|Mia has 12 apples. Tom gives her 7 more. How many apples does Mia have now?",
                                "user messages ('|'-separated) answered at every evaluation")
 
@@ -115,11 +119,17 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
 
     report = StageReport(run, resume=args.resume)
     report.before_each(lambda: scores(ref_logps), higher_is_better=True, n=len(eval_rows))  # the policy starts as the reference
+    prompts, golds = chat_answer_items([r["prompt"] + r["chosen"] for r in eval_rows[: args.eval_answers]])
+    if prompts:
+        report.before("answer_accuracy", lambda: logged_answer_accuracy(reference, tokenizer, prompts, golds),
+                      higher_is_better=True, n=len(prompts))
     trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
 
     for name, value in scores(pair_logprobs(trainer.model, tokenizer, eval_rows, args.batch_size)).items():
         report.after(name, value)
-    report.save(trainer.state.global_step)
+    if prompts:
+        report.after("answer_accuracy", logged_answer_accuracy(trainer.model, tokenizer, prompts, golds))
+    report.save(trainer.state.global_step, **trainer_seen(trainer))
     evals = [h for h in trainer.state.log_history if "eval_rewards/accuracies" in h]
     metrics = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else trainer.evaluate()
     logger.info(f"held-out (trl, ties count as wrong): reward accuracy {metrics['eval_rewards/accuracies']:.1%}, "

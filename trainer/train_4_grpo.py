@@ -36,7 +36,7 @@ from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFl
 from trainer.lib.generation import REPLY_TOKENS
 from trainer.lib.grading import build_rewards
 from trainer.lib.metrics import answer_accuracy
-from trainer.lib.report import StageReport
+from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
 from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resume_checkpoint
 
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
         report = StageReport(run, resume=args.resume)
         report.before("accuracy", heldout.history[0][1], higher_is_better=True, n=len(prompts))
         report.after("accuracy", heldout.history[-1][1])
-        report.save(trainer.state.global_step)
+        report.save(trainer.state.global_step, **trainer_seen(trainer))
     logger.info(f"saved {latest_checkpoint(run.dir)}")
     logger.info("next: python trainer/train_5_reward.py  (reward model for PPO)")
     return trainer

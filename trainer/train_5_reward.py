@@ -34,7 +34,7 @@ from trainer.lib.data import pair_rows, resolve_data, train_and_eval
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
 from trainer.lib.generation import chat_ids
-from trainer.lib.report import StageReport
+from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.reward_model import load_reward_model, reward_model_accuracy
 from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
 from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resume_checkpoint
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
         report = StageReport(run, resume=args.resume)
         report.before("pairwise_accuracy", heldout.history[0][1], higher_is_better=True, n=len(eval_rows))
         report.after("pairwise_accuracy", heldout.history[-1][1])
-        report.save(trainer.state.global_step)
+        report.save(trainer.state.global_step, **trainer_seen(trainer))
     logger.info(f"saved {latest_checkpoint(run.dir)}")
     logger.info("next: python trainer/train_6_ppo.py  (PPO with this reward model)")
     return trainer

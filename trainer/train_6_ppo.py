@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         writer.close()
         for k in report.metrics:
             report.after(k, history[-1][1][k])
-        report.save(total_steps)
+        report.save(total_steps, samples=total_steps * args.batch_size * world)  # rollouts
     return run.dir / f"checkpoint-{total_steps}"
 
 

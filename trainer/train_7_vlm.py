@@ -40,7 +40,7 @@ from trainer.lib.callbacks import attach_callbacks
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
 from trainer.lib.metrics import vlm_accuracy
-from trainer.lib.report import StageReport
+from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.runtime import StageRun, run_main, start_stage, trainer_kwargs
 from trainer.lib.stages import StageError, latest_checkpoint, resolve_init
 from trainer.lib.vlm_batches import VLMCollator, VLMDataset
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         processor = load_image_processor(tower or init, vlm.config.vision_config.image_size)
     vlm = vlm.to(run.precision.device)
 
-    report = None
+    report, samples = None, 0
     for phase in phases:
         phase_run = align_run if phase == "1" else run
         train_rows, eval_rows = load_split(args, *files[phase])
@@ -189,10 +189,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
             report.before("vlm_accuracy", lambda: accuracy(False), higher_is_better=True, n=len(questions))
             report.before("vlm_accuracy_blank_image", lambda: accuracy(True), higher_is_better=False, n=len(questions))
         trainer = train_phase(args, phase_run, phase, vlm, tokenizer, processor, train_rows, eval_rows)
+        samples += trainer_seen(trainer)["samples"]  # both phases' records
     if report is not None:
         report.after("vlm_accuracy", accuracy(False))
         report.after("vlm_accuracy_blank_image", accuracy(True))
-        report.save(trainer.state.global_step)
+        report.save(trainer.state.global_step, samples=samples)
     out = latest_checkpoint(run.dir if phases[-1] == "2" else align_run.dir)
     logger.info(f"saved {out}; chat with it: python scripts/test_chat.py --stage vlm --image PATH")
     return out

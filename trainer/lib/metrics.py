@@ -93,6 +93,18 @@ def answer_accuracy(model, tokenizer, prompts: Sequence[Messages], golds: Sequen
     }
 
 
+def logged_answer_accuracy(model, tokenizer, prompts: Sequence[Messages], golds: Sequence[Sequence[str]],
+                           max_new_tokens: int = REPLY_TOKENS) -> float:
+    """`answer_accuracy`, with one log line (accuracy +- its standard error, answered share, by skill)."""
+    from loguru import logger
+
+    acc = answer_accuracy(model, tokenizer, prompts, golds, max_new_tokens)
+    skills = ", ".join(f"{k} {v['accuracy']:.0%} of {v['n']}" for k, v in acc["by_skill"].items())
+    logger.info(f"held-out answer accuracy (greedy, {acc['n']} conversations): {acc['accuracy']:.1%} "
+                f"+- {acc['stderr']:.1%} ({acc['answered']:.0%} state an answer)" + (f"; by skill: {skills}" if skills else ""))
+    return acc["accuracy"]
+
+
 @torch.no_grad()
 def completion_logprobs(model, tokenizer, prompts: Sequence[Messages], completions: Sequence[Messages],
                         batch_size: int = 16) -> torch.Tensor:

@@ -10,6 +10,10 @@ A metric that is a share of n independent held-out items (an accuracy) is record
 file then also holds "n" and the binomial standard errors "before_stderr" / "after_stderr"
 (sqrt(p (1 - p) / n)), and the log prints them, so a change smaller than about two standard errors
 is not read as progress.
+
+`<out_dir>/<stage>/seen.json` = {"step": s, "samples": n, "tokens": t}: how much training data the
+stage went through (samples: conversations, pairs, prompts, blocks; tokens where the trainer counts
+them), for the pipeline's report card.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from trainer.lib.metrics import binomial_stderr
 from trainer.lib.runtime import StageRun, is_main_process
 
 METRICS_FILE = "metrics.json"
+SEEN_FILE = "seen.json"
 
 
 def read_metrics(stage_dir: Path) -> dict[str, dict]:
@@ -43,15 +48,18 @@ class StageReport:
         self.earlier = read_metrics(self.run.dir) if self.resume else {}
 
     def before(self, name: str, value: float | Callable[[], float], higher_is_better: bool,
-               n: int | None = None) -> float:
+               n: int | None = None, baseline: float | None = None) -> float:
         """Record the starting value, or measure it by calling `value()`; on --resume the first run's
-        value is kept and nothing is measured. `n`: the value is a share of n held-out items. Returns it."""
+        value is kept and nothing is measured. `n`: the value is a share of n held-out items;
+        `baseline`: a reference to read it against (pretraining: the unigram loss). Returns it."""
         earlier = self.earlier.get(name, {}).get("before")
         if earlier is None:
             earlier = value() if callable(value) else value
         self.metrics[name] = {"before": earlier, "after": None, "higher_is_better": higher_is_better}
         if n is not None:
             self.metrics[name].update(n=n, before_stderr=binomial_stderr(earlier, n))
+        if baseline is not None:
+            self.metrics[name]["baseline"] = baseline
         return earlier
 
     def before_each(self, measure: Callable[[], dict[str, float]], higher_is_better: bool,
@@ -67,12 +75,15 @@ class StageReport:
         if "n" in m:
             m["after_stderr"] = binomial_stderr(value, m["n"])
 
-    def save(self, step: int) -> Path:
-        """Write metrics.json, log one line per metric and add `heldout/<metric>` to TensorBoard."""
+    def save(self, step: int, samples: int | None = None, tokens: int | None = None) -> Path:
+        """Write metrics.json (and seen.json: `samples`/`tokens` trained on), log one line per metric
+        and add `heldout/<metric>` to TensorBoard."""
         path = self.run.dir / METRICS_FILE
         if not is_main_process():
             return path
         path.write_text(json.dumps(self.metrics, indent=1) + "\n")
+        seen = {"step": step, "samples": samples, "tokens": tokens or None}
+        (self.run.dir / SEEN_FILE).write_text(json.dumps(seen) + "\n")
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(str(self.run.dir / "runs")) as writer:
@@ -93,3 +104,12 @@ class StageReport:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
+
+
+def trainer_seen(trainer) -> dict[str, int | None]:
+    """`samples` and `tokens` a `transformers.Trainer` has trained on, as `StageReport.save` takes them:
+    optimizer steps x per-device batch x gradient accumulation x processes (the last batch of an
+    epoch may be smaller), and the Trainer's own count of input tokens."""
+    a, state = trainer.args, trainer.state
+    samples = state.global_step * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+    return {"samples": samples, "tokens": int(state.num_input_tokens_seen or 0) or None}
