@@ -128,6 +128,7 @@ def stage_out_dir(tmp_path_factory) -> Path:
 
     import model as mm
     from dataset.demo import DemoSizes, tokenizer_corpus, write_demo_data
+    from trainer.lib.stages import mark_complete
     from trainer.train_0_tokenizer import build_tokenizer
 
     out = tmp_path_factory.mktemp("stage_out")
@@ -147,6 +148,7 @@ def stage_out_dir(tmp_path_factory) -> Path:
     ckpt = out / "pretrain" / "checkpoint-1"
     lm.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
+    mark_complete(ckpt)  # as a finished Trainer save leaves it
     return out
 
 

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO_ROOT, load_script
-from trainer.lib.stages import STAGES, stage_output
+from trainer.lib.stages import STAGES, mark_complete, stage_output
 
 # A few steps and a few held-out items per stage: the mechanism, not the outcome.
 FAST = {
@@ -103,7 +103,7 @@ def test_plan_resumes_the_interrupted_stage(tmp_path):
     for stage in ("tokenizer", "pretrain", "sft"):
         d = tmp_path / stage / ("" if stage == "tokenizer" else "checkpoint-4")
         d.mkdir(parents=True, exist_ok=True)
-        (d / ("tokenizer.json" if stage == "tokenizer" else "config.json")).write_text("{}")
+        (d / "tokenizer.json").write_text("{}") if stage == "tokenizer" else mark_complete(d)
     state = {"stages": {"tokenizer": {"status": "done"}, "pretrain": {"status": "done"}, "sft": {"status": "running"}}}
     assert run_pipeline.plan(["tokenizer", "pretrain", "sft", "dpo"], state, tmp_path, resume=True) == [
         ("tokenizer", "skip"), ("pretrain", "skip"), ("sft", "resume"), ("dpo", "run")]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainer.lib.flags import parse_args
-from trainer.lib.stages import REPO_ROOT, StageError, latest_checkpoint, resolve_init, resolve_stage_or_path
+from trainer.lib.stages import REPO_ROOT, StageError, latest_checkpoint, mark_complete, resolve_init, resolve_stage_or_path
 from trainer.train_1_pretrain import PretrainArgs
 
 pytestmark = pytest.mark.usefixtures("plumb_single_thread")
@@ -70,11 +70,19 @@ def test_latest_checkpoint_skips_incomplete_saves(tmp_path):
     for step, complete in ((5, True), (20, True), (100, False)):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
+        (d / "config.json").write_text("{}")  # a cut-off save has its config, but not the marker
         if complete:
-            (d / "config.json").write_text("{}")
+            mark_complete(d)
     (tmp_path / "checkpoint-final").mkdir()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"  # numeric order, cut-off save ignored
     assert resolve_stage_or_path(str(tmp_path), Path("unused")) == tmp_path / "checkpoint-20"
+
+
+def test_an_unmarked_checkpoint_is_named_in_the_missing_parent_error(tmp_path):
+    (tmp_path / "pretrain" / "checkpoint-8").mkdir(parents=True)
+    (tmp_path / "pretrain" / "checkpoint-8" / "config.json").write_text("{}")
+    with pytest.raises(StageError, match=r"checkpoint-8 there is not marked complete.*touch .*checkpoint-8/checkpoint.complete"):
+        resolve_init("sft", tmp_path)
 
 
 def test_run_main_destroys_the_process_group_after_a_successful_run(tmp_path):

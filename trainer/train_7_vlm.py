@@ -42,7 +42,7 @@ from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFl
 from trainer.lib.metrics import vlm_accuracy
 from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.runtime import StageRun, run_main, start_stage, trainer_kwargs
-from trainer.lib.stages import StageError, latest_checkpoint, resolve_init
+from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, rewriting
 from trainer.lib.vlm_batches import VLMCollator, VLMDataset
 from trainer.lib.vlm_model import build_vlm, set_trainable, trainable_table
 
@@ -133,8 +133,10 @@ def train_phase(args: VLMArgs, run: StageRun, phase: str, vlm, tokenizer, proces
         loss = trainer.evaluate()["eval_loss"]
         logger.info(f"phase {phase}: held-out loss {loss:.3f} on {len(eval_rows)} records")
     final = run.dir / f"checkpoint-{trainer.state.global_step}"
-    trainer.save_model(str(final))
-    processor.save_pretrained(final)  # the pixels this model was trained on travel with it
+    final.mkdir(parents=True, exist_ok=True)
+    with rewriting(final):
+        trainer.save_model(str(final))
+        processor.save_pretrained(final)  # the pixels this model was trained on travel with it
     logger.info(f"phase {phase}: saved {final}")
     return trainer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from loguru import logger
@@ -17,6 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.integrations import TensorBoardCallback
 
 from trainer.lib.generation import GREEDY, Prompt, generate
+from trainer.lib.stages import mark_complete
 
 
 def tensorboard_writer(trainer: Trainer):
@@ -111,9 +113,21 @@ class HeldOutMetricCallback(TrainerCallback):
         self._write()  # our callbacks run before the TensorBoard callback closes its writer
 
 
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks `checkpoint-<step>` complete once the Trainer has written all of it (`on_save` runs
+    after weights, optimizer, scheduler, RNG and trainer_state.json), so a run killed mid-save
+    leaves a dir that `stages.checkpoints` ignores and `--resume` starts from the previous one."""
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir():
+            mark_complete(ckpt)
+
+
 def attach_callbacks(trainer: Trainer, *callbacks: TrainerCallback, perplexity: bool = True) -> Trainer:
-    """Our callbacks first (MetricsCallback included), then the library's (TensorBoard, progress)."""
+    """Our callbacks first (MetricsCallback and the checkpoint marker included), then the library's
+    (TensorBoard, progress)."""
     handler = trainer.callback_handler
-    for cb in reversed([MetricsCallback(perplexity), *callbacks]):
+    for cb in reversed([MetricsCallback(perplexity), CompleteCheckpointCallback(), *callbacks]):
         handler.callbacks.insert(0, cb)
     return trainer

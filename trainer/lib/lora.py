@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer.lib.flags import flag
 from trainer.lib.runtime import StageRun
-from trainer.lib.stages import StageError
+from trainer.lib.stages import StageError, rewriting
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -86,10 +86,11 @@ def save_merged(peft_model, init: Path, ckpt: Path, adapter_dir: Path, tokenizer
 
     peft_model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
-        (ckpt / name).unlink(missing_ok=True)
-    base = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(ckpt)
-    tokenizer.save_pretrained(ckpt)
+    with rewriting(ckpt):
+        for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+            (ckpt / name).unlink(missing_ok=True)
+        base = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(ckpt)
+        tokenizer.save_pretrained(ckpt)
     return merged

@@ -30,7 +30,7 @@ from trainer.lib.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLControl
                              token_values, value_loss, whiten)
 from trainer.lib.reward_model import load_reward_model, reward_scores
 from trainer.lib.runtime import all_gather_cat, average_gradients, barrier, is_main_process, rng_state, set_rng_state
-from trainer.lib.stages import StageError, checkpoints
+from trainer.lib.stages import StageError, checkpoints, mark_complete
 
 STATE_FILE = "ppo_state.pt"
 
@@ -101,6 +101,7 @@ class PPOState:
             self.tokenizer.save_pretrained(tmp)
             self.critic.save_pretrained(tmp / "critic")
             torch.save(self.training_state(), tmp / STATE_FILE)
+            mark_complete(tmp)
         barrier()
         if is_main_process():
             shutil.rmtree(path, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,9 @@ class StageRun:
 def start_stage(stage: str, args: Any) -> StageRun:
     """Create the stage dir, set up logging, seed (stages with a --seed), choose precision
     (stages with --device/--dtype; the rest run on the CPU); log what was chosen."""
+    # trl 1.16 still calls transformers' deprecated `is_gradient_checkpointing` at every train start:
+    # a FutureWarning (with its traceback line) the learner can do nothing about.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     out_dir = Path(args.out_dir)
     sdir = out_dir / stage
     sdir.mkdir(parents=True, exist_ok=True)

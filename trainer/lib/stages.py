@@ -8,6 +8,8 @@ names another. A missing parent is a `StageError` that names the command creatin
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +44,41 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
+# Written into a checkpoint dir after everything else (weights, optimizer, RNG, trainer state): a
+# dir without it is a save that was cut off (a kill, a full disk) and is never picked up.
+COMPLETE = "checkpoint.complete"
+
+
+def mark_complete(path: Path) -> None:
+    (path / COMPLETE).write_text("every file of this checkpoint was written\n")
+
+
+@contextmanager
+def rewriting(path: Path) -> Iterator[Path]:
+    """Change files of a finished checkpoint (merge LoRA into it, add the final save): unmarked
+    while it changes, marked again only if the change completed."""
+    (path / COMPLETE).unlink(missing_ok=True)
+    yield path
+    mark_complete(path)
+
+
 def checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
-    """Every complete `checkpoint-<step>` as (step, path), oldest first (a dir without config.json
-    is a save that was cut off, and is ignored)."""
+    """Every complete `checkpoint-<step>` (one holding COMPLETE) as (step, path), oldest first."""
     if not stage_dir.is_dir():
         return []
     return sorted((int(m[1]), p) for p in stage_dir.iterdir()
-                  if (m := CHECKPOINT_RE.match(p.name)) and (p / "config.json").is_file())
+                  if (m := CHECKPOINT_RE.match(p.name)) and (p / COMPLETE).is_file())
+
+
+def unmarked_note(stage_dir: Path) -> str:
+    """For a "no checkpoint" error: the checkpoint dirs that exist but are not marked complete."""
+    unmarked = sorted(p.name for p in stage_dir.glob("checkpoint-*") if p.is_dir() and not (p / COMPLETE).is_file()) \
+        if stage_dir.is_dir() else []
+    if not unmarked:
+        return ""
+    return (f" ({', '.join(unmarked)} there {'is' if len(unmarked) == 1 else 'are'} not marked complete: a save that "
+            f"was cut off, or one written before {COMPLETE} existed; if its files are whole, "
+            f"`touch {stage_dir / unmarked[-1] / COMPLETE}` makes it count)")
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:
@@ -75,8 +105,8 @@ def resolve_stage_or_path(value: str, out_dir: Path, flag: str = "--init_from") 
     if value in STAGES:
         found = stage_output(out_dir, value)
         if found is None:
-            raise StageError(f"{flag} {value}: no {value} checkpoint under {out_dir / value}. "
-                             f"Create it with: {creating_command(value, out_dir)}")
+            raise StageError(f"{flag} {value}: no {value} checkpoint under {out_dir / value}"
+                             f"{unmarked_note(out_dir / value)}. Create it with: {creating_command(value, out_dir)}")
         return found
     path = Path(value)
     if not path.exists():
@@ -95,7 +125,7 @@ def resolve_init(stage: str, out_dir: str | Path, init_from: str | None = None, 
         path = stage_output(out_dir, parent)
         if path is None:
             raise StageError(f"stage {stage} starts from the {parent} stage, but {out_dir / parent} has no "
-                             f"{'tokenizer' if parent == 'tokenizer' else 'checkpoint'} yet. "
+                             f"{'tokenizer' if parent == 'tokenizer' else 'checkpoint'} yet{unmarked_note(out_dir / parent)}. "
                              f"Create it with: {creating_command(parent, out_dir)}")
     logger.info(f"starting from {path}")
     return path
@@ -107,6 +137,7 @@ def resume_checkpoint(stage_dir: Path, resume: bool, needs: str = "config.json")
         return None
     ckpt = latest_checkpoint(stage_dir)
     if ckpt is None or not (ckpt / needs).is_file():
-        raise StageError(f"--resume: no checkpoint in {stage_dir} to resume from; run without --resume first")
+        raise StageError(f"--resume: no checkpoint in {stage_dir} to resume from{unmarked_note(stage_dir)}; "
+                         f"run without --resume first")
     logger.info(f"resuming from {ckpt}")
     return ckpt

@@ -1,0 +1,93 @@
+"""A real training subprocess SIGKILLed in the middle of a save and in the middle of a step: the
+cut-off checkpoint is never picked up, the previous one loads, and --resume ends on the same
+weights as a run that was never interrupted. The kill comes from a `sitecustomize` put on the
+subprocess's PYTHONPATH (the course's code has no test hooks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+from trainer.lib.stages import COMPLETE, checkpoints, latest_checkpoint
+
+KILLER = '''
+import os, signal
+mode, at = os.environ.get("CRASH_MODE"), int(os.environ.get("CRASH_AT", "0"))
+if mode:
+    import transformers.trainer as t
+    calls = [0]
+    # "save": the weights of checkpoint number `at` are on disk, its optimizer is not yet.
+    # "step": the process dies inside training step number `at`.
+    name = {"save": "_save_optimizer_and_scheduler", "step": "training_step"}[mode]
+    original = getattr(t.Trainer, name)
+
+    def dying(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+
+    setattr(t.Trainer, name, dying)
+'''
+
+
+@pytest.fixture
+def pretrain(plumb_corpus, plumb_tokenizer_out, tmp_path):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), str(REPO_ROOT)])}
+
+    def run(out, *extra, crash: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "trainer/train_1_pretrain.py", "--data", str(plumb_corpus["pretrain_train"]),
+               "--eval_data", str(plumb_corpus["pretrain_eval"]), "--init_from", str(plumb_tokenizer_out / "tokenizer"),
+               "--out_dir", str(out), "--max_length", "32", "--batch_size", "4", "--max_steps", "8",
+               "--logging_steps", "1", "--eval_steps", "100", "--save_steps", "2", "--max_eval_blocks", "2",
+               "--sample_prompts", "Tom has", "--dtype", "fp32", "--device", "cpu", *extra]
+        crash_env = {"CRASH_MODE": crash[0], "CRASH_AT": str(crash[1])} if crash else {}
+        return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**env, **crash_env})
+
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    return run, load_file(tmp_path / "full" / "pretrain" / "checkpoint-8" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_killed_during_a_save_leaves_the_previous_checkpoint_and_resumes_exactly(pretrain, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run, expected = pretrain
+    out = tmp_path / "killed"
+    killed = run(out, crash=("save", 2))  # the second save, at step 4
+    assert killed.returncode == -9
+    cut = out / "pretrain" / "checkpoint-4"
+    assert (cut / "model.safetensors").is_file() and not (cut / "optimizer.pt").exists()  # really cut mid-save
+    assert not (cut / COMPLETE).exists()
+    assert [p.name for _, p in checkpoints(out / "pretrain")] == ["checkpoint-2"]
+    AutoModelForCausalLM.from_pretrained(latest_checkpoint(out / "pretrain"))  # the previous one loads
+
+    resumed = run(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-2" in resumed.stderr  # it resumed from the complete one
+    assert_same_weights(load_file(out / "pretrain" / "checkpoint-8" / "model.safetensors"), expected)
+
+
+def test_killed_during_a_step_resumes_exactly(pretrain, tmp_path):
+    run, expected = pretrain
+    out = tmp_path / "killed"
+    killed = run(out, crash=("step", 6))
+    assert killed.returncode == -9
+    assert latest_checkpoint(out / "pretrain").name == "checkpoint-4"
+    resumed = run(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(load_file(out / "pretrain" / "checkpoint-8" / "model.safetensors"), expected)
