@@ -15,6 +15,11 @@ A VLM (`--stage vlm`) reads `--image`: the first user turn gets `<image>` put in
 you typed one), and the image's patches stand in for it in every later turn too.
 `--temperature 0` decodes greedily (always the most likely token); above 0 it samples, after
 `--top_k` / `--top_p` cut the unlikely tail and `--repetition_penalty` damps tokens already seen.
+`--show_probs` prints, after each reply, every token with the probability the model gave it and
+its top alternatives (coloured by probability on a terminal): where sampling took a token greedy
+decoding would not have (rank > 0), and where the model was unsure.
+
+    python scripts/test_chat.py --stage sft --show_probs --prompt "What is 47 + 25?"
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 import model as _registers_minimind  # noqa: F401  (Auto classes learn model_type "minimind")
 from dataset.chat_template import IMAGE
 from dataset.images import decode_image, load_image_processor
-from trainer.lib.generation import Prompt, Sampling, generate
+from trainer.lib.generation import Prompt, Sampling, TokenChoice, generate, token_choices
 from trainer.lib.runtime import pick_precision, run_main, setup_logging
 from trainer.lib.stages import STAGES, StageError, creating_command, resolve_stage_or_path, stage_output
 
@@ -52,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 makes already-seen tokens less likely")
     p.add_argument("--seed", type=int, default=None, help="seed the sampler (reproducible replies)")
     p.add_argument("--image", default=None, help="VLM stages: the image (png/jpg...) the conversation is about")
+    p.add_argument("--show_probs", action="store_true",
+                   help="after each reply, show each token's probability and its --top_alternatives")
+    p.add_argument("--top_alternatives", type=int, default=3, help="alternatives shown per token with --show_probs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return p
 
@@ -119,8 +127,9 @@ class Chat:
             vision = {"images": [[self.image] * n], "image_processor": self.image_processor}
 
         def work() -> None:
-            result["reply"] = generate(self.model, self.tokenizer, [prompt], self.max_new_tokens, self.sampling,
-                                       streamer=streamer, **vision, **self.generate_kwargs).texts[0]
+            result["generation"] = generate(self.model, self.tokenizer, [prompt], self.max_new_tokens, self.sampling,
+                                            streamer=streamer, **vision, **self.generate_kwargs)
+            result["reply"] = result["generation"].texts[0]
 
         thread = Thread(target=work)
         thread.start()
@@ -131,6 +140,7 @@ class Chat:
             raise RuntimeError("generation failed (see the error above)")
         if self.chat:
             self.messages.append({"role": "assistant", "content": result["reply"]})
+        self.last = result["generation"]
         return result["reply"]
 
 
@@ -138,7 +148,29 @@ def _write(piece: str) -> None:
     print(piece, end="", flush=True)
 
 
-def converse(chat: Chat, prompts: Iterable[str], interactive: bool) -> list[tuple[str, str]]:
+def _colour(prob: float, text: str, tty: bool) -> str:
+    """Green: the model was sure (>= 0.9); yellow: fairly (>= 0.5); red: unsure."""
+    if not tty:
+        return text
+    code = 32 if prob >= 0.9 else 33 if prob >= 0.5 else 31
+    return f"\033[{code}m{text}\033[0m"
+
+
+def format_choices(choices: Sequence[TokenChoice], tty: bool = False) -> str:
+    """One line per token: its text, probability, rank (0 = greedy's pick) and the alternatives."""
+    lines = ["  token              p     rank  alternatives"]
+    for c in choices:
+        alts = ", ".join(f"{t!r} {p:.2f}" for t, p in c.top if t != c.text)
+        mark = "*" if c.rank > 0 else " "  # sampling took a token greedy decoding would not have
+        lines.append(f"  {_colour(c.prob, f'{c.text!r:<16}', tty)} {c.prob:5.2f} {mark}{c.rank:<4} {alts}")
+    sure = sum(c.prob >= 0.9 for c in choices)
+    lines.append(f"  {len(choices)} tokens, {sure} with p >= 0.9, {sum(c.rank > 0 for c in choices)} not the most "
+                 f"likely (*: sampled where greedy would differ)")
+    return "\n".join(lines)
+
+
+def converse(chat: Chat, prompts: Iterable[str], interactive: bool, show_probs: bool = False,
+             top_alternatives: int = 3) -> list[tuple[str, str]]:
     """Run the turns; `/reset` clears the history, `exit` (or end of input) stops."""
     turns = []
     who = "assistant" if chat.chat else "model"
@@ -157,6 +189,9 @@ def converse(chat: Chat, prompts: Iterable[str], interactive: bool) -> list[tupl
         print(f"{who}: " + ("" if chat.chat else text), end="", flush=True)
         reply = chat.turn(text, _write)
         print(flush=True)
+        if show_probs:
+            print(format_choices(token_choices(chat.model, chat.tokenizer, chat.last, k=top_alternatives),
+                                 tty=sys.stdout.isatty()), flush=True)
         turns.append((text, reply))
     return turns
 
@@ -197,9 +232,12 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, str]]:
     mode = "plain continuation" if plain else "chat"
     print(f"[{model_dir}: {mode}; " + ("" if args.prompt else "/reset clears the history, exit or Ctrl-D quits; ")
           + f"temperature {args.temperature}]", flush=True)
+    if args.show_probs and processor is not None:
+        raise StageError("--show_probs reads a language model's probabilities; it does not support --stage vlm yet")
+    probs = dict(show_probs=args.show_probs, top_alternatives=args.top_alternatives)
     if args.prompt:
-        return converse(chat, args.prompt, interactive=False)
-    return converse(chat, _stdin_lines(), interactive=True)
+        return converse(chat, args.prompt, interactive=False, **probs)
+    return converse(chat, _stdin_lines(), interactive=True, **probs)
 
 
 if __name__ == "__main__":

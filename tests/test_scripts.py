@@ -2,6 +2,7 @@
 in-process on tiny artifacts."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -71,6 +72,44 @@ def test_chat_streamed_text_equals_final_text(plumb_chat_out, sample):
     reply = chat.turn("Tell me a story.", pieces.append)
     assert reply and len(pieces) >= 1
     assert "".join(pieces) == reply
+
+
+def test_token_choices_are_the_models_own_probabilities(plumb_chat_out):
+    from trainer.lib.generation import generate, pad, token_choices
+
+    model, tok, _ = test_chat.load(plumb_chat_out / "sft" / "checkpoint-3", "cpu")
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    gen = generate(model, tok, [prompt], 8, Sampling(), min_new_tokens=8)
+    choices = token_choices(model, tok, gen, k=4)
+    assert len(choices) == 8 and "".join(c.text for c in choices) == tok.decode(gen.completion_ids[0])
+    # The same numbers transformers' generate reports step by step (raw logits, softmax at T = 1).
+    ids, mask = pad([prompt_ids(tok, prompt)], tok.pad_token_id, side="left")
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    steps = torch.softmax(torch.stack(out.logits, 1)[0].float(), -1)  # [8, V]
+    chosen = out.sequences[0, ids.shape[1]:]
+    torch.testing.assert_close(torch.tensor([c.prob for c in choices]), steps[torch.arange(8), chosen])
+    assert all(c.rank == 0 and c.top[0][0] == c.text for c in choices)  # greedy always takes the top token
+    assert all(len(c.top) == 4 and c.top[0][1] >= c.top[-1][1] for c in choices)
+
+    torch.manual_seed(0)  # sampling hot: some tokens are not the most likely, and rank says which
+    hot = generate(model, tok, [prompt], 16, Sampling(temperature=3.0), min_new_tokens=16)
+    sampled = token_choices(model, tok, hot, k=50)
+    assert any(c.rank > 0 for c in sampled)
+    for c in sampled:
+        assert c.rank == sum(p > c.prob for _, p in c.top) or c.rank >= 50
+
+
+def test_chat_show_probs_prints_every_token(plumb_chat_out, capsys):
+    turns = test_chat.main(["--stage", "sft", "--out_dir", str(plumb_chat_out), "--prompt", "What is 2 + 3?",
+                            "--max_new_tokens", "6", "--temperature", "0", "--show_probs", "--top_alternatives", "2"])
+    out = capsys.readouterr().out
+    assert len(turns) == 1
+    assert "token              p     rank  alternatives" in out
+    rows = [line for line in out.splitlines() if line.startswith("  '") or line.startswith('  "')]
+    summary = re.search(r"(\d+) tokens, (\d+) with p >= 0.9, (\d+) not the most likely", out)
+    assert summary and int(summary[1]) == len(rows) >= 1  # one row per generated token
+    assert summary[3] == "0"  # greedy: every token was the most likely one
 
 
 def test_chat_missing_stage_names_the_command(tmp_path):

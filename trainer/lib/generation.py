@@ -11,7 +11,7 @@ Shapes: B prompts, P = longest prompt, C = longest completion.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,3 +170,134 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens: int, s
                                 completion_mask, finished, ids.shape[1], texts))
     model.train(was_training)
     return _concat(parts, tokenizer.pad_token_id)
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """One generated token: its text, the probability the model gave it, and the `k` most likely
+    tokens at that position with theirs (the model's own distribution, softmax at temperature 1)."""
+
+    text: str
+    prob: float
+    rank: int  # 0: the most likely token, the one greedy decoding picks; 1: the runner-up; ...
+    top: list[tuple[str, float]]
+
+
+@torch.no_grad()
+def token_choices(model, tokenizer, gen: Generation, row: int = 0, k: int = 5) -> list[TokenChoice]:
+    """Per generated token of row `row`: p(token | everything before) and the top-k alternatives.
+
+    One forward pass over prompt + completion: the logits at position t predict token t + 1, so the
+    completion's tokens P..P+C-1 are read from positions P-1..P+C-2."""
+    n = int(gen.completion_mask[row].sum())
+    if n == 0:
+        return []
+    ids = gen.input_ids[row: row + 1, : gen.prompt_length + n]
+    mask = gen.attention_mask[row: row + 1, : gen.prompt_length + n]
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                   position_ids=position_ids_from_mask(mask).to(device)).logits[0]
+    probs = torch.softmax(logits[gen.prompt_length - 1: gen.prompt_length + n - 1].float(), dim=-1)  # [n, V]
+    chosen = ids[0, gen.prompt_length:].to(device)
+    top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    decode = lambda i: tokenizer.decode([int(i)])
+    ranks = (probs > probs.gather(1, chosen[:, None])).sum(dim=1)
+    return [TokenChoice(decode(tok), float(probs[t, tok]), int(ranks[t]),
+                        [(decode(i), float(p)) for i, p in zip(top_i[t], top_p[t])])
+            for t, tok in enumerate(chosen)]
+
+
+@dataclass(frozen=True)
+class StreamedToken:
+    """One token as `stream_tokens` yields it: its id, the text it adds to the reply (may be "" while a
+    multi-byte character is incomplete), its log-probability and the `top` alternatives' (the model's
+    distribution before temperature / top-p: what an OpenAI `logprobs` field reports)."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def stream_tokens(model, tokenizer, prompt: Prompt, max_new_tokens: int, sampling: Sampling = GREEDY,
+                  top_logprobs: int = 0, cancel: Any = None,
+                  logit_bias: dict[int, float] | None = None) -> Iterator[StreamedToken]:
+    """Generate a reply to one prompt and yield it token by token as it is decoded.
+
+    `model.generate` runs in a thread; a logits processor (which transformers applies before the
+    temperature and top-p warpers) records each step's log-softmax, and a streamer hands over each
+    chosen token. `cancel` (a threading.Event) stops the generation at the next step: a server
+    sets it when the client goes away. `logit_bias` {token id: b} adds b to that token's logit before
+    sampling (OpenAI's field: -100 bans a token); the recorded log-probabilities are the unbiased
+    model's. Stops at <|im_end|> (which is not yielded)."""
+    import queue
+    import threading
+
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    cancel = cancel or threading.Event()
+    steps: queue.Queue = queue.Queue()
+    dists: list[torch.Tensor] = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            dists.append(torch.log_softmax(scores[0].float(), dim=-1))
+            for token, bias in (logit_bias or {}).items():
+                scores[:, token] += bias
+            return scores
+
+    class Hand(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value) -> None:
+            if not self.prompt_seen:  # generate() first puts the prompt
+                self.prompt_seen = True
+                return
+            steps.put(int(value.reshape(-1)[0]))
+
+        def end(self) -> None:
+            steps.put(None)
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=next(model.parameters()).device)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               streamer=Hand(), logits_processor=LogitsProcessorList([Record()]),
+                               stopping_criteria=StoppingCriteriaList([Cancelled()]), **sampling.generate_kwargs())
+        except BaseException as e:  # re-raised in the caller's thread
+            failure.append(e)
+            steps.put(None)
+
+    was_training = model.training
+    model.eval()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    generated: list[int] = []
+    shown = ""
+    try:
+        while (token := steps.get()) is not None:
+            if token == tokenizer.eos_token_id:
+                continue
+            dist = dists[len(generated)]
+            generated.append(token)
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            piece = "" if text.endswith("\ufffd") else text[len(shown):]  # wait for a whole character
+            shown += piece
+            top = [(int(i), float(v)) for v, i in zip(*dist.topk(top_logprobs))] if top_logprobs else []
+            yield StreamedToken(token, piece, float(dist[token]), top)
+    finally:
+        cancel.set()  # the consumer stopped early (or we are done): let generate() finish its step
+        thread.join()
+        model.train(was_training)
+    if failure:
+        raise failure[0]
