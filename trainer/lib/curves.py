@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 PANELS: dict[str, re.Pattern] = {
-    "loss": re.compile(r"(^|/)(train|eval)/loss$"),
-    "learning rate": re.compile(r"(^|/)train/learning_rate$"),
+    "loss": re.compile(r"(^|/)(train|eval)/(loss|policy_loss|value_loss)$"),
+    "learning rate": re.compile(r"(^|/)train/(learning_rate|lr)$"),
     "reward": re.compile(r"(^|/)train/(reward|rewards/[a-z_]+|reward_model_score|rewards/margins)(/mean)?$"),
     "KL": re.compile(r"(^|/)train/(kl|objective/kl)$"),
     "accuracy": re.compile(r"accuracy"),
@@ -74,6 +74,53 @@ def plot_stage(scalars: dict[str, list[tuple[int, float]]], title: str, path: Pa
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# The one curve per stage that the course overview shows (panel of `panels`, preferred tags first).
+HEADLINE = {
+    "pretrain": ("loss", ("eval/loss", "train/loss")),
+    "sft": ("loss", ("eval/loss", "train/loss")),
+    "dpo": ("reward", ("train/rewards/margins",)),
+    "grpo": ("reward", ("train/reward",)),
+    "reward": ("accuracy", ("eval/pairwise_accuracy", "train/accuracy")),
+    "ppo": ("reward", ("train/reward_model_score",)),
+    "vlm": ("loss", ("align/train/loss", "train/loss")),  # phase 1, then phase 2
+}
+
+
+def plot_course(out_dir: Path, path: Path) -> Path | None:
+    """One figure for the whole course: each stage's headline curve (HEADLINE) from `<out_dir>/<stage>/`."""
+    found = []
+    for stage, (panel, tags) in HEADLINE.items():
+        scalars = read_scalars(out_dir / stage) if (out_dir / stage).is_dir() else {}
+        chosen = [t for t in tags if scalars.get(t)] or panels(scalars).get(panel, [])
+        if chosen:
+            found.append((stage, panel, {t: scalars[t] for t in chosen}))
+    if not found:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = (len(found) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat[len(found):]:
+        ax.axis("off")
+    for ax, (stage, panel, curves) in zip(axes.flat, found):
+        for tag, points in curves.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=tag)
+        ax.set_title(f"{stage}: {panel}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
