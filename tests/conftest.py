@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,28 @@ def load_script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+class StopAt(TrainerCallback):
+    """An interruption: save and stop after optimizer step `k` (as a killed run leaves its last save)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.k:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class CountSteps(TrainerCallback):
+    """Counts the optimizer steps this very run takes (`.n`): a resumed run must take only the missing ones."""
+
+    def __init__(self):
+        self.n = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.n += 1
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model  # noqa: F401  (registers MiniMind with the Auto classes)
+from conftest import StopAt
 from trainer import train_0_tokenizer, train_1_pretrain
 from trainer.lib.stages import latest_checkpoint
 
@@ -63,17 +64,6 @@ def test_pretrain_writes_tensorboard_events(plumb_pretrain):
     assert [e.step for e in acc.Tensors(tag)] == [0, 4, 8]
     assert all("`Tom has -> " in t for t in texts)
 
-
-class StopAt(TrainerCallback):
-    """Simulates an interruption: save and stop after optimizer step `k`."""
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.k:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def test_resume_matches_an_uninterrupted_run(plumb_pretrain, plumb_pretrain_argv, tmp_path):

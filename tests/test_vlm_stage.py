@@ -6,9 +6,10 @@ import json
 
 import pytest
 from PIL import Image
+from transformers import TrainerCallback
 
 from dataset.chat_template import IMAGE
-from conftest import load_script
+from conftest import CountSteps, load_script
 from trainer import train_7_vlm as vlm_stage
 from trainer.lib.stages import StageError
 
@@ -105,3 +106,59 @@ def test_vlm_acc_on_a_language_model_says_so(stage_copy, tmp_path):
     evaluate = load_script("evaluate")
     with pytest.raises(StageError, match="holds a 'minimind' model, not a MiniMind VLM"):
         evaluate.main(["--stage", str(stage_copy / "pretrain" / "checkpoint-1"), "--task", "vlm_acc", "--data", str(data)])
+
+
+class Die(Exception):
+    pass
+
+
+class DieAt(TrainerCallback):
+    """A crash: raise at the start of step `step + 1` of the `phase`-th training run in this process
+    (after the save at `step`), so no later phase runs, as with a killed process."""
+
+    def __init__(self, phase: int, step: int):
+        self.phase, self.step, self.runs = phase, step, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.runs += 1
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.runs == self.phase and state.global_step == self.step:
+            raise Die(f"phase {self.phase}, step {self.step}")
+
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_interrupted_in_either_phase_resumes_to_the_same_weights(stage_copy, tmp_path, phase):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    data = tmp_path / "colours.parquet"
+    colour_parquet(data, 64)
+    steps = ["--max_steps", "4", "--save_steps", "2", "--save_total_limit", "3", "--eval_answers", "2"]
+    cut_dir = tmp_path / "cut"
+    shutil.copytree(stage_copy, cut_dir)
+    full = run(stage_copy, data, *steps)
+    with pytest.raises(Die):
+        vlm_stage.main(["--out_dir", str(cut_dir), "--init_from", "pretrain", "--data", str(data), "--batch_size", "8",
+                        "--logging_steps", "1", *TINY_VIT, *steps], callbacks=[DieAt(phase, 2)])
+    counted = CountSteps()
+    resumed = vlm_stage.main(["--out_dir", str(cut_dir), "--init_from", "pretrain", "--data", str(data), "--batch_size",
+                              "8", "--logging_steps", "1", *TINY_VIT, *steps, "--resume"], callbacks=[counted])
+    assert resumed == cut_dir / "vlm" / "checkpoint-4"
+    assert counted.n == {1: 2 + 4, 2: 2}[phase]  # only the missing steps ran
+    log = (cut_dir / "vlm" / "train.log").read_text()
+    assert f"phase {phase} continues" in log
+    assert ("phases 1 and 2 to run" in log) == (phase == 1)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(stage_copy, tmp_path):
+    data = tmp_path / "colours.parquet"
+    colour_parquet(data, 16)
+    with pytest.raises(StageError, match="--resume: no checkpoint in .*vlm"):
+        run(stage_copy, data, "--resume")

@@ -22,13 +22,15 @@ each real image and with a black image: the gap is what the model reads from the
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Trainer, TrainingArguments
+from transformers import (AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Trainer, TrainerCallback,
+                          TrainingArguments)
 
 import model as mm  # noqa: F401  (registers MiniMind and the VLM with the Auto classes)
 from dataset.demo_vision import write_vlm_demo_data
@@ -42,7 +44,7 @@ from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFl
 from trainer.lib.metrics import vlm_accuracy
 from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.runtime import StageRun, run_main, start_stage, trainer_kwargs
-from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, rewriting
+from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, rewriting, unmarked_note
 from trainer.lib.vlm_batches import VLMCollator, VLMDataset
 from trainer.lib.vlm_model import build_vlm, set_trainable, trainable_table
 
@@ -112,7 +114,8 @@ def load_split(args: VLMArgs, train: Path, evals: Path | None) -> tuple[list[dic
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def train_phase(args: VLMArgs, run: StageRun, phase: str, vlm, tokenizer, processor, train_rows, eval_rows) -> Trainer:
+def train_phase(args: VLMArgs, run: StageRun, phase: str, vlm, tokenizer, processor, train_rows, eval_rows,
+                resume: Path | None = None, callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     sizes = {"1": (args.align_lr, args.align_epochs), "2": (args.lr, args.epochs)}[phase]
     set_trainable(vlm, int(phase), args.lm_layers, args.train_tower or None)
     logger.info(f"phase {phase} ({'align: captions' if phase == '1' else 'instruct: questions'}), "
@@ -126,9 +129,9 @@ def train_phase(args: VLMArgs, run: StageRun, phase: str, vlm, tokenizer, proces
     trainer = Trainer(model=vlm, args=config, processing_class=tokenizer,
                       train_dataset=VLMDataset(train_rows, tokenizer, image_id, n_tokens),
                       eval_dataset=VLMDataset(eval_rows, tokenizer, image_id, n_tokens) if eval_rows else None,
-                      data_collator=VLMCollator(processor, tokenizer.pad_token_id))
+                      data_collator=VLMCollator(processor, tokenizer.pad_token_id), callbacks=list(callbacks))
     attach_callbacks(trainer, perplexity=False)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)  # weights, optimizer, scheduler, RNG and data position
     if eval_rows:
         loss = trainer.evaluate()["eval_loss"]
         logger.info(f"phase {phase}: held-out loss {loss:.3f} on {len(eval_rows)} records")
@@ -141,12 +144,41 @@ def train_phase(args: VLMArgs, run: StageRun, phase: str, vlm, tokenizer, proces
     return trainer
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def phase_done(ckpt: Path) -> bool:
+    """A Trainer checkpoint saved at its phase's last step (trainer_state.json: global_step = max_steps)."""
+    state = ckpt / "trainer_state.json"
+    if not state.is_file():
+        return True  # only the final save_model() writes a checkpoint without it
+    saved = json.loads(state.read_text())
+    return saved["global_step"] >= saved["max_steps"]
+
+
+def resume_plan(phases: tuple[str, ...], align_dir: Path, instruct_dir: Path) -> tuple[tuple[str, ...], dict]:
+    """--resume: the phases still to run and {phase: checkpoint it continues from}. A phase 2
+    checkpoint means phase 1 is done; a finished phase 1 is skipped; an interrupted one continues."""
+    instruct = latest_checkpoint(instruct_dir) if "2" in phases else None
+    if instruct is not None:
+        return ("2",), {"2": instruct}
+    aligned = latest_checkpoint(align_dir) if "1" in phases else None
+    if aligned is None:
+        raise StageError(f"--resume: no checkpoint in {instruct_dir} or {align_dir} to resume from"
+                         f"{unmarked_note(instruct_dir)}{unmarked_note(align_dir)}; run without --resume first")
+    if phase_done(aligned) and phases != ("1",):
+        return ("2",), {}
+    return phases, {"1": aligned}
+
+
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> Path:
     args = parse_args(VLMArgs, argv, __doc__)
     run = start_stage("vlm", args)
     files = phase_files(args, run.out_dir)
     align_run = dataclasses.replace(run, dir=run.dir / "align")
     phases = ("1", "2") if args.phase == "both" else (args.phase,)
+    resume_from: dict[str, Path] = {}
+    if args.resume:
+        phases, resume_from = resume_plan(phases, align_run.dir, run.dir)
+        logger.info(f"--resume: phase{'s' if len(phases) > 1 else ''} {' and '.join(phases)} to run"
+                    + "".join(f"; phase {k} continues {v}" for k, v in resume_from.items()))
 
     # Phase 2 alone continues phase 1's model; otherwise the VLM is assembled from the SFT checkpoint.
     aligned = latest_checkpoint(align_run.dir) if phases[0] == "2" and not args.init_from else None
@@ -187,10 +219,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
                             f"{acc['accuracy']:.1%} +- {acc['stderr']:.1%}; by kind: {kinds}")
                 return acc["accuracy"]
 
-            report = StageReport(run)
+            report = StageReport(run, resume=args.resume)
             report.before("vlm_accuracy", lambda: accuracy(False), higher_is_better=True, n=len(questions))
             report.before("vlm_accuracy_blank_image", lambda: accuracy(True), higher_is_better=False, n=len(questions))
-        trainer = train_phase(args, phase_run, phase, vlm, tokenizer, processor, train_rows, eval_rows)
+        trainer = train_phase(args, phase_run, phase, vlm, tokenizer, processor, train_rows, eval_rows,
+                              resume_from.get(phase), callbacks)
         samples += trainer_seen(trainer)["samples"]  # both phases' records
     if report is not None:
         report.after("vlm_accuracy", accuracy(False))
