@@ -36,7 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 import model as _registers_minimind  # noqa: F401  (Auto classes learn model_type "minimind")
 from dataset.chat_template import IMAGE
 from dataset.images import decode_image, load_image_processor
-from trainer.lib.generation import Prompt, Sampling, TokenChoice, generate, token_choices
+from trainer.lib.generation import Generation, Prompt, Sampling, TokenChoice, generate, token_choices
 from trainer.lib.runtime import pick_precision, run_main, setup_logging
 from trainer.lib.stages import STAGES, StageError, creating_command, resolve_stage_or_path, stage_output
 
@@ -101,6 +101,7 @@ class Chat:
         self.model, self.tokenizer, self.chat, self.system = model, tokenizer, chat, system
         self.sampling, self.max_new_tokens, self.generate_kwargs = sampling, max_new_tokens, generate_kwargs
         self.image, self.image_processor = image, image_processor
+        self.last: Generation | None = None  # the latest reply's tokens (--show_probs reads them)
         self.reset()
 
     def reset(self) -> None:

@@ -20,7 +20,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +57,7 @@ class Reply:
     """The tokens of one reply as they come, cut at the first stop string."""
 
     def __init__(self, stops: list[str]) -> None:
-        self.stops, self.text, self.finish = stops, "", "length"
+        self.stops, self.text, self.finish, self.count = stops, "", "length", 0  # count: tokens generated
 
     def add(self, piece: str) -> str:
         """The part of `piece` to emit ("" past a stop string); sets finish = "stop" at one."""
@@ -107,6 +107,19 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         entry["top_logprobs"] = [token_logprob(tokenizer, i, lp) for i, lp in t.top[: req.top_logprobs]]
         return entry
 
+    def answer(req: ChatRequest, stops: list[str], cancel: threading.Event,
+               emit: Callable[[str, list | None], None]) -> Reply:
+        """Generate one reply, handing each token's new text (and its logprobs entry, when asked) to
+        `emit`; the Reply says why it ended: "stop" (a stop string or <|im_end|>) or "length"."""
+        reply = Reply(stops)
+        for t in tokens(req, cancel):
+            reply.count += 1
+            emit(reply.add(t.text), [logprob_entry(req, t)] if req.logprobs else None)
+            if reply.finish == "stop":
+                return reply
+        reply.finish = "length" if reply.count >= limit(req) else "stop"  # else <|im_end|> ended it
+        return reply
+
     def check(req: ChatRequest) -> list[str]:
         if req.top_logprobs and not req.logprobs:
             raise HTTPException(400, "top_logprobs needs logprobs: true")
@@ -140,26 +153,14 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         prompt_tokens = len(prompt_ids(tokenizer, [m.model_dump() for m in req.messages]))
         if not req.stream:
-            cancel = threading.Event()
-            reply, content, count = Reply(stops), [], 0
-
-            def run() -> None:
-                nonlocal count
-                for t in tokens(req, cancel):
-                    count += 1
-                    reply.add(t.text)
-                    if req.logprobs:
-                        content.append(logprob_entry(req, t))
-                    if reply.finish == "stop":
-                        return
-                reply.finish = "length" if count >= limit(req) else "stop"  # else <|im_end|> ended it
-
-            await asyncio.to_thread(run)
+            content: list[dict] = []
+            reply = await asyncio.to_thread(answer, req, stops, threading.Event(),
+                                            lambda piece, lp: content.extend(lp or []))
             choice = {"index": 0, "message": {"role": "assistant", "content": reply.text},
                       "finish_reason": reply.finish, "logprobs": {"content": content} if req.logprobs else None}
             return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                                                   "total_tokens": prompt_tokens + count}}
+                    "choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": reply.count,
+                                                   "total_tokens": prompt_tokens + reply.count}}
 
         cancel = threading.Event()
 
@@ -172,19 +173,15 @@ def create_app(model, tokenizer, model_name: str) -> FastAPI:
         async def events():
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
+
+            def emit(piece: str, lp: list | None) -> None:
+                if piece or lp:
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece, lp))
+
             def produce() -> None:
-                reply, count = Reply(stops), 0
                 try:
-                    for t in tokens(req, cancel):
-                        count += 1
-                        piece = reply.add(t.text)
-                        lp = [logprob_entry(req, t)] if req.logprobs else None
-                        if piece or lp:
-                            loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece, lp))
-                        if reply.finish == "stop":
-                            break
-                    finish = "length" if reply.finish != "stop" and count >= limit(req) else "stop"
-                    loop.call_soon_threadsafe(queue.put_nowait, ("end", finish, None))
+                    reply = answer(req, stops, cancel, emit)
+                    loop.call_soon_threadsafe(queue.put_nowait, ("end", reply.finish, None))
                 except Exception as e:  # reported to the client in the stream
                     loop.call_soon_threadsafe(queue.put_nowait, ("error", str(e), None))
 

@@ -52,34 +52,44 @@ def panels(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, list[str]]:
     return out
 
 
-def plot_stage(scalars: dict[str, list[tuple[int, float]]], title: str, path: Path) -> Path | None:
-    """One PNG for one stage, a panel per kind of curve; None when the stage logged no curves."""
-    chosen = panels(scalars)
-    if not chosen:
-        return None
+def plot_grid(cells: list[tuple[str, dict[str, list[tuple[int, float]]]]], path: Path, cols: int,
+              title: str | None = None) -> Path:
+    """One PNG of panels, `cols` to a row: each cell is (panel title, {tag: [(step, value), ...]})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3.2), squeeze=False)
-    for ax, (panel, tags) in zip(axes[0], chosen.items()):
-        for tag in tags:
-            steps, values = zip(*scalars[tag])
+    rows = (len(cells) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 if rows == 1 else 3 * rows), squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    for ax, (name, curves) in zip(axes.flat, cells):
+        for tag, points in curves.items():
+            steps, values = zip(*points)
             # A held-out metric is measured at the start and the end only: markers, not a line.
             style = dict(marker="o", linestyle="--") if len(steps) <= 3 else {}
             ax.plot(steps, values, label=tag, **style)
-        ax.set_title(panel)
+        ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
+
+def plot_stage(scalars: dict[str, list[tuple[int, float]]], title: str, path: Path) -> Path | None:
+    """One PNG for one stage, a panel per kind of curve; None when the stage logged no curves."""
+    chosen = panels(scalars)
+    if not chosen:
+        return None
+    return plot_grid([(panel, {t: scalars[t] for t in tags}) for panel, tags in chosen.items()], path,
+                     cols=len(chosen), title=title)
 
 # The one curve per stage that the course overview shows (panel of `panels`, preferred tags first).
 HEADLINE = {
@@ -100,29 +110,5 @@ def plot_course(out_dir: Path, path: Path) -> Path | None:
         scalars = read_scalars(out_dir / stage) if (out_dir / stage).is_dir() else {}
         chosen = [t for t in tags if scalars.get(t)] or panels(scalars).get(panel, [])
         if chosen:
-            found.append((stage, panel, {t: scalars[t] for t in chosen}))
-    if not found:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 4
-    rows = (len(found) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax in axes.flat[len(found):]:
-        ax.axis("off")
-    for ax, (stage, panel, curves) in zip(axes.flat, found):
-        for tag, points in curves.items():
-            steps, values = zip(*points)
-            ax.plot(steps, values, label=tag)
-        ax.set_title(f"{stage}: {panel}")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+            found.append((f"{stage}: {panel}", {t: scalars[t] for t in chosen}))
+    return plot_grid(found, path, cols=4) if found else None
