@@ -91,6 +91,27 @@ def test_report_md_has_every_section_and_valid_plots(course):
             assert im.format == "PNG" and im.size[0] > 200
 
 
+def test_make_figures_draws_every_stage_headline_and_copies_the_stage_plots(course, tmp_path):
+    from trainer.lib.curves import HEADLINE
+
+    assert load_script("make_figures").main(["--from", str(course), "--to", str(tmp_path)]) == 0
+    overview = tmp_path / "course_curves.png"
+    with Image.open(overview) as im:
+        im.verify()
+        assert im.format == "PNG"
+        width, height = im.size
+    rows = (len(HEADLINE) + 3) // 4
+    assert width >= 4 * 4 * 90 * 0.9 and height >= rows * 3 * 90 * 0.9  # 4 columns: more than 4 stages were drawn
+    copied = {p.name for p in tmp_path.glob("stage_*.png")}
+    assert copied == {f"stage_{p.name}" for p in (course / "plots").glob("*.png")} and copied
+
+
+def test_make_figures_without_a_run_names_the_command(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_script("make_figures").main(["--from", str(tmp_path)])
+    assert "run python scripts/run_pipeline.py" in capsys.readouterr().err
+
+
 def test_resume_skips_finished_stages(course):
     proc = pipeline("--out_dir", str(course), "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
