@@ -7,7 +7,8 @@ this module turns each into the shape the trl trainers expect (trl's *conversati
     -> ``{"text": str}`` (non-empty).
 
 ``kind="chat"``  line ``{"conversations": [message, ...], ...}``
-    -> ``{"messages": [message, ...], ...}``; other top-level keys are kept as they are.
+    -> ``{"messages": [message, ...], ...}``; other top-level keys are kept as they are. At least one
+    turn must be the assistant's (the reply SFT learns).
 
 ``kind="dpo"``  line ``{"chosen": [message, ...], "rejected": [message, ...]}``
     -> ``{"prompt": [message, ...], "chosen": [message], "rejected": [message]}``.
@@ -20,6 +21,9 @@ this module turns each into the shape the trl trainers expect (trl's *conversati
     verifiable answer) may be a list of strings, a string or a number and always comes out as
     ``list[str]`` (``[]`` when absent). A *non-empty* trailing assistant turn is kept as
     ``reference``; it is never used as ``gt``.
+
+``required={"gt": why}`` makes a field mandatory (non-empty) in the normalised record: a line without
+it is a bad line like any other, its message says ``why`` (a rule reward that grades against ``gt``).
 
 A ``message`` is ``{"role": "system"|"user"|"assistant"|"tool", "content": str}`` plus, when
 present, ``reasoning_content`` (str), ``tool_calls`` and ``tools``. MiniMind stores the last two
@@ -42,7 +46,7 @@ recorded there::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +186,8 @@ def _normalise_pretrain(obj: dict) -> dict:
 
 def _normalise_chat(obj: dict) -> dict:
     messages = _check_messages(obj, "conversations")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _FieldError("conversations", "no 'assistant' turn: a chat record needs at least one reply to learn")
     out = {k: v for k, v in obj.items() if k != "conversations"}
     if out.get("tools") is not None:
         out["tools"] = _parse_json_field(out["tools"], "tools")
@@ -279,6 +285,7 @@ def iter_records(
     skip_bad_lines: bool = False,
     limit: int | None = None,
     report: LoadReport | None = None,
+    required: Mapping[str, str] | None = None,
 ) -> Iterator[dict]:
     """Yield normalised records of ``kind`` from the jsonl file at ``path``, one line at a time.
 
@@ -311,6 +318,9 @@ def iter_records(
             n_nonblank += 1
             try:
                 record = _parse(text, kind)
+                for key, why in (required or {}).items():
+                    if not record.get(key):
+                        raise _FieldError(key, f"missing or empty; {why}")
             except _FieldError as err:
                 skip_or_raise(DataError(path, lineno, err.field, err.reason), skip_bad_lines, report)
                 continue
@@ -341,9 +351,10 @@ def load_records(
     *,
     limit: int | None = None,
     report: LoadReport | None = None,
+    required: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """All records of :func:`iter_records` as a list (same arguments, same errors)."""
-    return list(iter_records(path, kind, skip_bad_lines=skip_bad_lines, limit=limit, report=report))
+    return list(iter_records(path, kind, skip_bad_lines=skip_bad_lines, limit=limit, report=report, required=required))
 
 
 def find_default_file(kind: str, repo_root: str | Path) -> Path | None:

@@ -100,6 +100,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
                 f"{len(eval_set)} held-out conversations")
 
     trainer = build_trainer(args, run, build_model(args, init, run), tokenizer, train_set, eval_set, callbacks)
+    if len(trainer.train_dataset) == 0:
+        raise StageError(f"{data.train}: no assistant token in the first --max_length {args.max_length} tokens of any "
+                         f"conversation, so there is nothing to learn; raise --max_length (longest: {longest} tokens)")
     if not args.packing:
         dropped = len(train_set) - len(trainer.train_dataset)
         if dropped:

@@ -75,14 +75,14 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     except ValueError as e:
         raise StageError(str(e)) from e
 
-    train_rows, eval_rows = train_and_eval(data, lambda p: rl_rows(p, args.skip_bad_lines), args.max_eval_prompts)
+    # A prompt without `gt` scores 0 under correctness in every sample: a zero advantage, a wasted group.
+    need_gt = any(getattr(f, "__name__", "") == "correctness" for f in reward_funcs)
+    train_rows, eval_rows = train_and_eval(data, lambda p: rl_rows(p, args.skip_bad_lines, need_gt),
+                                           args.max_eval_prompts)
     eval_rows = [r for r in eval_rows if r["gt"]]
     graded = sum(bool(r["gt"]) for r in train_rows)
     if not train_rows:
         raise StageError(f"{data.train}: no RL prompts to train on")
-    if any(getattr(f, "__name__", "") == "correctness" for f in reward_funcs) and graded == 0:
-        raise StageError(f"{data.train} has no 'gt' answers, so the correctness reward is always 0; "
-                         f"use --reward format or a custom --reward package.module:function")
     logger.info(f"{len(train_rows)} prompts ({graded} with a reference answer), {len(eval_rows)} held out; "
                 f"rewards {[getattr(f, '__name__', str(f)) for f in reward_funcs]} weights {reward_weights or 'all 1'}")
     if args.batch_size % args.num_generations:

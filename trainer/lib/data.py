@@ -87,9 +87,16 @@ def train_and_eval(files: DataFiles, load, max_eval: int) -> tuple[Sequence, Seq
     return train, evals
 
 
-def rl_rows(path: Path, skip_bad_lines: bool = False) -> list[dict]:
-    """RL records as trl's conversational prompt format plus the `gt` column the rewards read."""
-    return [{"prompt": r["prompt"], "gt": r["gt"]} for r in load_records(path, "rl", skip_bad_lines=skip_bad_lines)]
+GT_NEEDED = ("the correctness reward grades answers against it (add the answer, drop such lines with "
+             "--skip_bad_lines, or use rewards that need no answer such as format)")
+
+
+def rl_rows(path: Path, skip_bad_lines: bool = False, need_gt: bool = False) -> list[dict]:
+    """RL records as trl's conversational prompt format plus the `gt` column the rewards read; with
+    `need_gt` (a correctness reward) a record without `gt` is a bad line, named with its line number."""
+    required = {"gt": GT_NEEDED} if need_gt else None
+    return [{"prompt": r["prompt"], "gt": r["gt"]}
+            for r in load_records(path, "rl", skip_bad_lines=skip_bad_lines, required=required)]
 
 
 def pair_rows(path: Path, skip_bad_lines: bool = False) -> list[dict]:

@@ -7,6 +7,7 @@ names another. A missing parent is a `StageError` that names the command creatin
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -114,8 +115,58 @@ def resolve_stage_or_path(value: str, out_dir: Path, flag: str = "--init_from") 
     return latest_checkpoint(path) or path
 
 
-def resolve_init(stage: str, out_dir: str | Path, init_from: str | None = None, parent: str | None = None) -> Path:
-    """The checkpoint a stage starts from: `init_from`, else its parent stage's latest output."""
+# What a stage can start from, by the class names transformers writes into config.json "architectures".
+MODEL_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "causal_lm": ("a causal language model (...ForCausalLM)", ("ForCausalLM", "ForConditionalGeneration", "VLM")),
+    "reward": ("a reward model (...ForSequenceClassification, made by python trainer/train_5_reward.py)",
+               ("ForSequenceClassification",)),
+    "any": ("a model checkpoint", ("",)),
+}
+
+
+def _describe(architecture: str) -> str:
+    for kind, suffix in (("reward model (a sequence classifier)", "ForSequenceClassification"),
+                         ("causal language model", "ForCausalLM")):
+        if architecture.endswith(suffix):
+            return kind
+    return "model"
+
+
+def check_model_dir(path: Path, kind: str = "causal_lm", flag: str = "--init_from") -> Path:
+    """`path` if it is a model dir of `kind` whose tokenizer fits its embedding, else a StageError that says
+    which of the three is wrong: no config.json (not a checkpoint), another architecture, or a tokenizer
+    with more tokens than the model's `vocab_size` (tokenizer and weights from different runs)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise StageError(f"{flag} {path}: not a model checkpoint (no config.json); give a stage name "
+                         f"({', '.join(s for s in STAGES if s != 'tokenizer')}) or a checkpoint-<step> dir")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{config_file}: not a readable JSON model config ({e})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise StageError(f"{config_file}: field 'model_type' missing: not a transformers model config")
+    wanted, suffixes = MODEL_KINDS[kind]
+    architectures = config.get("architectures") or []
+    if architectures and not any(a.endswith(s) for a in architectures for s in suffixes):
+        raise StageError(f"{flag} {path}: a {_describe(architectures[0])} ({', '.join(architectures)}), "
+                         f"but this needs {wanted}")
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if vocab and (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        n_tokens = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        if n_tokens > vocab:
+            raise StageError(f"{path}: the tokenizer has {n_tokens} tokens but config.json field 'vocab_size' is "
+                             f"{vocab}: tokenizer and weights come from different runs (ids >= {vocab} have no "
+                             f"embedding); save the tokenizer the model was trained with beside it")
+    return path
+
+
+def resolve_init(stage: str, out_dir: str | Path, init_from: str | None = None, parent: str | None = None,
+                 kind: str = "causal_lm") -> Path:
+    """The checkpoint a stage starts from: `init_from`, else its parent stage's latest output; checked to be
+    a model of `kind` (`check_model_dir`) unless it is the tokenizer dir that pretraining starts from."""
     out_dir = Path(out_dir)
     if init_from:
         path = resolve_stage_or_path(init_from, out_dir)
@@ -127,6 +178,8 @@ def resolve_init(stage: str, out_dir: str | Path, init_from: str | None = None, 
             raise StageError(f"stage {stage} starts from the {parent} stage, but {out_dir / parent} has no "
                              f"{'tokenizer' if parent == 'tokenizer' else 'checkpoint'} yet{unmarked_note(out_dir / parent)}. "
                              f"Create it with: {creating_command(parent, out_dir)}")
+    if stage != "pretrain":
+        check_model_dir(path, kind)
     logger.info(f"starting from {path}")
     return path
 
