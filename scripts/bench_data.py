@@ -13,13 +13,25 @@ Three numbers, in tokens per second:
     blocks (or `--step_tokens_per_s`, measured elsewhere).
 The ratios loader/training and tokenizer/training must be far above 1: then the model, not the
 data, sets the pace (a ratio near 1 means the GPU would wait for data).
+
+    python scripts/bench_data.py --scale_mb 1000                  # MiniMind-sized files, generated
+
+--scale_mb N generates a ~N MB pretraining jsonl (and an N/10 MB SFT and DPO jsonl) from the demo
+texts and measures what a run on MiniMind's GB files does once: `pretokenize` the whole file
+(tokens/s on all cores, peak RSS, which must stay far below the file's size because the file is
+streamed) and load the SFT and DPO files the way those stages do (records/s, peak RSS).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -30,9 +42,10 @@ import torch
 from transformers import AutoTokenizer
 
 import model as mm
+from dataset.demo import DemoSizes, write_demo_data
 from dataset.jsonl import iter_records
 from dataset.pretokenize import PackedBlocks, TokenMemmap, pretokenize
-from trainer.lib.data import resolve_data
+from trainer.lib.data import chat_rows, pair_rows, resolve_data
 from trainer.lib.runtime import pick_precision, run_main, setup_logging
 from trainer.lib.stages import StageError, resolve_stage_or_path
 
@@ -52,7 +65,79 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training tokens/s measured elsewhere (skips the training measurement)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    p.add_argument("--scale_mb", type=float, default=None,
+                   help="generate a ~N MB pretraining jsonl (and N/10 MB SFT/DPO files) and measure pretokenize "
+                        "and loading: throughput and peak RSS")
+    p.add_argument("--scale_dir", default=None, help="where --scale_mb writes its files (default: a temporary dir)")
+    p.add_argument("--scale_phase", choices=("pretokenize", "sft", "dpo"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--scale_file", default=None, help=argparse.SUPPRESS)  # --scale_mb runs each phase as a child
     return p
+
+
+def rss_mb(peak: bool = False) -> float:
+    """This process's resident memory now, or its peak so far (`ru_maxrss`), in MB (Linux)."""
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def write_scaled(source: Path, target: Path, mb: float, join: int, seed: int = 0) -> float:
+    """Write ~`mb` MB of jsonl to `target` from `source`'s lines; with `join` > 1 (pretraining text), each
+    line is `join` random source documents run together, so lines differ. Returns the size in MB."""
+    rng = random.Random(seed)
+    lines = source.read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines] if join > 1 else lines
+    limit = int(mb * 2**20)
+    with target.open("w", encoding="utf-8") as f:
+        while f.tell() < limit:
+            chunk = [json.dumps({"text": " ".join(rng.sample(texts, join))}, ensure_ascii=False) if join > 1
+                     else rng.choice(texts) for _ in range(1000)]
+            f.write("\n".join(chunk) + "\n")
+    return target.stat().st_size / 2**20
+
+
+def run_phase(phase: str, path: Path, tokenizer) -> dict:
+    """One --scale_mb measurement in this (fresh) process: rate, and peak RSS against the RSS before it."""
+    base = rss_mb()
+    start = time.perf_counter()
+    if phase == "pretokenize":
+        tokens = TokenMemmap(pretokenize(path, tokenizer, path.with_suffix("")))
+        out = {"tokens": len(tokens), "records": len(tokens.offsets) - 1}
+    else:
+        out = {"records": len((chat_rows if phase == "sft" else pair_rows)(path))}
+    seconds = time.perf_counter() - start
+    return {**out, "seconds": seconds, "base_rss_mb": base, "peak_rss_mb": rss_mb(peak=True)}
+
+
+def bench_scale(tokenizer_dir: Path, mb: float, root: Path) -> dict:
+    """pretokenize a ~`mb` MB pretraining jsonl, load ~`mb`/10 MB of SFT and DPO records, each in its own
+    process (so each peak RSS is that phase's alone): `{phase: {records, seconds, base/peak_rss_mb, file_mb}}`."""
+    demo = write_demo_data(root / "demo", DemoSizes())
+    figures: dict = {"cpu_cores": os.cpu_count()}
+    for phase, source, size, join in (("pretokenize", "pretrain_train", mb, 4), ("sft", "sft_train", mb / 10, 1),
+                                      ("dpo", "dpo_train", mb / 10, 1)):
+        path = root / f"{phase}_scale.jsonl"
+        file_mb = write_scaled(demo[source], path, size, join)
+        cmd = [sys.executable, __file__, "--tokenizer", str(tokenizer_dir), "--scale_phase", phase,
+               "--scale_file", str(path)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise StageError(f"the {phase} measurement failed:\n{done.stderr[-2000:]}")
+        figures[phase] = {**json.loads(done.stdout.strip().splitlines()[-1]), "file_mb": file_mb}
+    return figures
+
+
+def print_scale(f: dict) -> None:
+    p = f["pretokenize"]
+    print(f"pretokenize: {p['file_mb']:,.0f} MB jsonl, {p['records']:,} docs, {p['tokens']:,} tokens in "
+          f"{p['seconds']:.0f} s = {p['tokens'] / p['seconds']:,.0f} tokens/s ({p['file_mb'] / p['seconds']:.1f} MB/s, "
+          f"{f['cpu_cores']} cores); peak RSS {p['peak_rss_mb']:,.0f} MB ({p['base_rss_mb']:,.0f} MB before it)")
+    for kind in ("sft", "dpo"):
+        k = f[kind]
+        print(f"{kind} load   : {k['file_mb']:,.0f} MB jsonl, {k['records']:,} records at {k['records'] / k['seconds']:,.0f}/s; "
+              f"peak RSS {k['peak_rss_mb']:,.0f} MB ({k['base_rss_mb']:,.0f} MB before it: "
+              f"+{(k['peak_rss_mb'] - k['base_rss_mb']) / k['file_mb']:.1f}x the file)")
 
 
 def bench_tokenizer(tokenizer, texts: list[str], batch: int = 1000) -> dict:
@@ -112,7 +197,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     out_dir = Path(args.out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_stage_or_path(args.tokenizer, out_dir, flag="--tokenizer"))
+    tokenizer_dir = resolve_stage_or_path(args.tokenizer, out_dir, flag="--tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if args.scale_phase:
+        print(json.dumps(run_phase(args.scale_phase, Path(args.scale_file), tokenizer)))
+        return {}
+    if args.scale_mb:
+        with tempfile.TemporaryDirectory(dir=args.scale_dir) as tmp:
+            figures = bench_scale(tokenizer_dir, args.scale_mb, Path(tmp))
+        print(json.dumps(figures)) if args.json else print_scale(figures)
+        return figures
     data = resolve_data(SimpleNamespace(data=args.data, eval_data=None, out_dir=args.out_dir), "pretrain")
     texts = [r["text"] for _, r in zip(range(args.max_texts), iter_records(data.train, "pretrain"))]
 
