@@ -121,3 +121,12 @@ def test_stage_report_keeps_n_and_stderr_and_the_first_runs_before_on_resume(tmp
     assert set(m["loss"]) == {"before", "after", "higher_is_better"}
     resumed = StageReport(run, resume=True)
     assert resumed.before("accuracy", lambda: 1 / 0, higher_is_better=True, n=100) == 0.2
+
+
+@pytest.mark.parametrize("script", ["train_2_sft", "train_3_dpo", "train_4_grpo", "train_5_reward"])
+def test_start_up_prints_no_warning_a_user_cannot_act_on(script):
+    """trl's import pulls in bitsandbytes, whose CPU backend warns about an optional kernel package."""
+    done = subprocess.run([sys.executable, f"trainer/{script}.py", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout
+    assert "Failed to load CPU gemm_4bit_forward" not in done.stderr, done.stderr

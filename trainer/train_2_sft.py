@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import trainer.lib.quiet  # noqa: F401, I001  (first: silences a bitsandbytes warning trl's import triggers)
+
 from datasets import Dataset
 from loguru import logger
 from transformers import AutoTokenizer, TrainerCallback

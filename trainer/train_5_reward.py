@@ -21,6 +21,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import trainer.lib.quiet  # noqa: F401, I001  (first: silences a bitsandbytes warning trl's import triggers)
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from datasets import Dataset
