@@ -23,7 +23,7 @@ from pathlib import Path
 
 from trainer.lib.generation import REPLY_TOKENS
 from trainer.lib.runtime import pick_precision, run_main, setup_logging
-from trainer.lib.stages import StageError, check_model_dir, resolve_stage_or_path
+from trainer.lib.stages import StageError, resolve_model
 from trainer.lib.tasks import TASKS, EvalRequest, evaluate
 
 
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     setup_logging()
     out_dir = Path(args.out_dir)
-    model_dir = check_model_dir(resolve_stage_or_path(args.stage, out_dir, flag="--stage"), "any", flag="--stage")
+    model_dir = resolve_model(args.stage, out_dir, "any", flag="--stage")
     if args.data:
         data = Path(args.data)
         if not data.is_file():

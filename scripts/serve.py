@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainer.lib.runtime import run_main, setup_logging
-from trainer.lib.stages import StageError, check_model_dir, resolve_stage_or_path
+from trainer.lib.stages import StageError, resolve_model
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from server.app import create_app
     from trainer.lib.metrics import load_model
 
-    model_dir = check_model_dir(resolve_stage_or_path(args.stage, Path(args.out_dir), flag="--stage"), flag="--stage")
+    model_dir = resolve_model(args.stage, Path(args.out_dir), flag="--stage")
     kind = AutoConfig.from_pretrained(model_dir).model_type
     if kind != "minimind":
         raise StageError(f"--stage {args.stage}: {model_dir} is a {kind} model; the server serves chat language models")

@@ -38,8 +38,7 @@ from dataset.chat_template import IMAGE
 from dataset.images import decode_image, load_image_processor
 from trainer.lib.generation import Generation, Prompt, Sampling, TokenChoice, generate, token_choices
 from trainer.lib.runtime import pick_precision, run_main, setup_logging
-from trainer.lib.stages import (STAGES, StageError, check_model_dir, creating_command, resolve_stage_or_path,
-                                 stage_output)
+from trainer.lib.stages import STAGES, StageError, creating_command, resolve_model, stage_output
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +71,7 @@ def resolve_model_dir(stage: str, out_dir: Path) -> Path:
     if stage in STAGES and stage_output(out_dir, stage) is None:
         raise StageError(f"--stage {stage}: no checkpoint under {out_dir / stage}. "
                          f"Create it with: {creating_command(stage, out_dir)}")
-    return check_model_dir(resolve_stage_or_path(stage, out_dir, flag="--stage"), flag="--stage")
+    return resolve_model(stage, out_dir, flag="--stage")
 
 
 def load(model_dir: Path, device: str = "auto"):

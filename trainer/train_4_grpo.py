@@ -36,7 +36,7 @@ from trainer.lib.data import resolve_data, rl_rows, train_and_eval
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, merge_repeated_flag, parse_args)
 from trainer.lib.generation import REPLY_TOKENS
-from trainer.lib.grading import build_rewards
+from trainer.lib.grading import build_rewards, needs_gt
 from trainer.lib.metrics import answer_accuracy
 from trainer.lib.report import StageReport, trainer_seen
 from trainer.lib.runtime import run_main, start_stage, trainer_kwargs
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
         raise StageError(str(e)) from e
 
     # A prompt without `gt` scores 0 under correctness in every sample: a zero advantage, a wasted group.
-    need_gt = any(getattr(f, "__name__", "") == "correctness" for f in reward_funcs)
+    need_gt = needs_gt(reward_funcs)
     train_rows, eval_rows = train_and_eval(data, lambda p: rl_rows(p, args.skip_bad_lines, need_gt),
                                            args.max_eval_prompts)
     eval_rows = [r for r in eval_rows if r["gt"]]

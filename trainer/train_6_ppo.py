@@ -37,12 +37,12 @@ import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer.lib.data import resolve_data, rl_rows, train_and_eval
 from trainer.lib.flags import CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags, flag, parse_args
 from trainer.lib.generation import REPLY_TOKENS
-from trainer.lib.grading import load_reward
+from trainer.lib.grading import load_reward, needs_gt
 from trainer.lib.ppo import KL_ESTIMATORS
 from trainer.lib.ppo_trainer import STATE_FILE, PPOState, batch_for_step, evaluate, ppo_step
 from trainer.lib.report import StageReport
 from trainer.lib.runtime import all_mean, init_distributed, is_main_process, run_main, start_stage
-from trainer.lib.stages import StageError, check_model_dir, resolve_init, resolve_stage_or_path, resume_checkpoint
+from trainer.lib.stages import StageError, resolve_init, resolve_model, resume_checkpoint
 
 
 @dataclass
@@ -84,16 +84,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     rank, world = init_distributed(run.precision.device)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if run.precision.device == "cuda" else "cpu"
     init = resolve_init("ppo", args.out_dir, args.init_from)
-    rm_path = check_model_dir(resolve_stage_or_path(args.reward_model, run.out_dir, flag="--reward_model"),
-                              "reward", flag="--reward_model")
-    critic_path = check_model_dir(resolve_stage_or_path(args.critic_from, run.out_dir, flag="--critic_from"), "any",
-                                  flag="--critic_from") if args.critic_from else rm_path
+    rm_path = resolve_model(args.reward_model, run.out_dir, "reward", flag="--reward_model")
+    critic_path = resolve_model(args.critic_from, run.out_dir, "any", flag="--critic_from") if args.critic_from else rm_path
     try:
         rule_reward = load_reward(args.rule_reward) if args.rule_reward else None
     except ValueError as e:
         raise StageError(str(e)) from e
 
-    need_gt = getattr(rule_reward, "__name__", "") == "correctness"
+    need_gt = needs_gt([rule_reward])
     rows, eval_rows = train_and_eval(resolve_data(args, "rl"), lambda p: rl_rows(p, args.skip_bad_lines, need_gt),
                                      args.max_eval_prompts)
     shard = rows[rank::world]

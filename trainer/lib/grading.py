@@ -125,6 +125,11 @@ def correctness(prompts: Sequence, completions: Sequence, gt: Sequence | None = 
     return [1.0 if is_correct(completion_text(c), _golds(g)) else 0.0 for c, g in zip(completions, gt)]
 
 
+def needs_gt(reward_funcs: Sequence) -> bool:
+    """Whether a reward grades against the rows' `gt` (then a prompt without one is a bad line)."""
+    return any(f is correctness for f in reward_funcs)
+
+
 def format_score(text: str) -> float:
     """1.0: the last non-empty line is "The answer is X." (the course's format);
     0.5: an answer can still be read (\\boxed{X} or "#### X") but not in that format;

@@ -163,10 +163,14 @@ def check_model_dir(path: Path, kind: str = "causal_lm", flag: str = "--init_fro
     return path
 
 
-def resolve_init(stage: str, out_dir: str | Path, init_from: str | None = None, parent: str | None = None,
-                 kind: str = "causal_lm") -> Path:
+def resolve_model(value: str, out_dir: Path, kind: str = "causal_lm", flag: str = "--init_from") -> Path:
+    """A flag naming a model (a stage name, a stage dir or a model dir) -> its dir, checked by `check_model_dir`."""
+    return check_model_dir(resolve_stage_or_path(value, out_dir, flag), kind, flag)
+
+
+def resolve_init(stage: str, out_dir: str | Path, init_from: str | None = None, parent: str | None = None) -> Path:
     """The checkpoint a stage starts from: `init_from`, else its parent stage's latest output; checked to be
-    a model of `kind` (`check_model_dir`) unless it is the tokenizer dir that pretraining starts from."""
+    a causal LM (`check_model_dir`) unless it is the tokenizer dir that pretraining starts from."""
     out_dir = Path(out_dir)
     if init_from:
         path = resolve_stage_or_path(init_from, out_dir)
@@ -179,7 +183,7 @@ def resolve_init(stage: str, out_dir: str | Path, init_from: str | None = None, 
                              f"{'tokenizer' if parent == 'tokenizer' else 'checkpoint'} yet{unmarked_note(out_dir / parent)}. "
                              f"Create it with: {creating_command(parent, out_dir)}")
     if stage != "pretrain":
-        check_model_dir(path, kind)
+        check_model_dir(path)
     logger.info(f"starting from {path}")
     return path
 

@@ -16,7 +16,7 @@ from trainer.lib.generation import GREEDY, REPLY_TOKENS, generate
 from trainer.lib.metrics import (answer_accuracy, answer_items, load_model, loglik_accuracy, pair_logprobs,
                                  pairwise_accuracy, perplexity, preference_accuracy, read_kind)
 from trainer.lib.reward_model import load_reward_model, pair_scores, reward_scores
-from trainer.lib.stages import (STAGES, StageError, check_model_dir, creating_command, resolve_stage_or_path,
+from trainer.lib.stages import (STAGES, StageError, creating_command, resolve_model, resolve_stage_or_path,
                                  stage_output)
 
 
@@ -156,8 +156,7 @@ def task_rm_score(req: EvalRequest) -> dict[str, Any]:
     prompts = [r["prompt"] if kind != "chat" else r["messages"][:-1] for r in records]
     lm, tok = load_model(req.model_dir, req.device)
     replies = generate(lm, tok, prompts, req.max_new_tokens, GREEDY, max(req.batch_size, 32)).texts
-    rm_path = check_model_dir(resolve_stage_or_path(req.reward_model or "reward", req.out_dir, flag="--reward_model"),
-                              "reward", flag="--reward_model")
+    rm_path = resolve_model(req.reward_model or "reward", req.out_dir, "reward", flag="--reward_model")
     rm, rm_tok = _load_rm(rm_path, req.device)
     scores = reward_scores(rm, rm_tok, prompts, replies, req.batch_size)
     return {"n": len(prompts), "rm_score": scores.mean().item(),
