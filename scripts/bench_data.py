@@ -198,15 +198,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     setup_logging()
     out_dir = Path(args.out_dir)
     tokenizer_dir = resolve_stage_or_path(args.tokenizer, out_dir, flag="--tokenizer")
+    if args.scale_mb:  # the phases run as children, each loading the tokenizer itself
+        with tempfile.TemporaryDirectory(dir=args.scale_dir) as tmp:
+            figures = bench_scale(tokenizer_dir, args.scale_mb, Path(tmp))
+        if args.json:
+            print(json.dumps(figures))
+        else:
+            print_scale(figures)
+        return figures
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if args.scale_phase:
         print(json.dumps(run_phase(args.scale_phase, Path(args.scale_file), tokenizer)))
         return {}
-    if args.scale_mb:
-        with tempfile.TemporaryDirectory(dir=args.scale_dir) as tmp:
-            figures = bench_scale(tokenizer_dir, args.scale_mb, Path(tmp))
-        print(json.dumps(figures)) if args.json else print_scale(figures)
-        return figures
     data = resolve_data(SimpleNamespace(data=args.data, eval_data=None, out_dir=args.out_dir), "pretrain")
     texts = [r["text"] for _, r in zip(range(args.max_texts), iter_records(data.train, "pretrain"))]
 

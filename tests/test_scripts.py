@@ -209,3 +209,14 @@ def test_probe_recall_bad_flags_name_the_flag(tmp_path):
         probe_recall.main(["--tokenizer", str(tmp_path / "nowhere")])
     with pytest.raises(StageError, match="train_0_tokenizer"):  # no --tokenizer and no stage 0 output
         probe_recall.main(["--out_dir", str(tmp_path)])
+
+
+def test_bench_data_scale_measures_each_phase_in_its_own_process(plumb_tokenizer_out, capsys):
+    figures = bench_data.main(["--out_dir", str(plumb_tokenizer_out), "--scale_mb", "0.3"])
+    printed = capsys.readouterr().out
+    pre, sft, dpo = figures["pretokenize"], figures["sft"], figures["dpo"]
+    assert pre["file_mb"] >= 0.3 and pre["records"] > 0 and pre["tokens"] > pre["records"]
+    assert sft["records"] > 0 and dpo["records"] > 0
+    for phase in (pre, sft, dpo):
+        assert phase["peak_rss_mb"] >= phase["base_rss_mb"] > 0 and phase["seconds"] > 0
+    assert "pretokenize:" in printed and "sft load" in printed and "tokens/s" in printed
