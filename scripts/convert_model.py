@@ -4,6 +4,7 @@
     python scripts/convert_model.py import exported/qwen3 training/imported
     python scripts/convert_model.py export training/vlm/checkpoint-500 exported/llava
     python scripts/convert_model.py import exported/llava training/imported-vlm
+    python scripts/convert_model.py gguf training/sft/checkpoint-500 exported/sft.gguf --llama_cpp DIR
 
 `export` writes a directory that plain transformers loads with no code of ours
 (`AutoModelForCausalLM.from_pretrained(dir)` gives a `Qwen3ForCausalLM` or `Qwen3MoeForCausalLM`),
@@ -26,6 +27,11 @@ The chat template renders an image part as one `<image>`; LlavaProcessor repeats
 patch. `import` turns a Llava directory back into a MiniMind-V checkpoint (a SigLIP tower without
 its pooling head becomes our ViT; CLIP and other towers stay transformers modules).
 
+`gguf` exports to Qwen3 in a temporary directory and runs llama.cpp's own `convert_hf_to_gguf.py`
+(from the llama-cpp-python source distribution, see model/convert_gguf.py) on it, so llama.cpp,
+llama-cpp-python and ollama run the model; an ollama Modelfile is written beside the file.
+tests/test_gguf.py checks that llama.cpp tokenises and decodes such a file exactly as we do.
+
 A checkpoint with no equivalent on the other side (residual dropout, sliding-window attention,
 another RoPE type, MoE with dense layers mixed in, a Llava with another language model or
 projector, another architecture) stops with a one-line error and exit code 2.
@@ -34,6 +40,7 @@ projector, another architecture) stops with a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse  # noqa: E402
+import json
 import shutil  # noqa: E402
 import sys
 from pathlib import Path
@@ -152,11 +159,42 @@ def run_import_llava(src: Path, dst: Path, dtype: str | None) -> str:
     return type(ours).__name__
 
 
+def run_gguf(src: Path, out: Path, outtype: str, llama_cpp: Path | None, overwrite: bool) -> str:
+    import tempfile
+
+    from model.convert_gguf import find_converter, modelfile, qwen3_to_gguf, tokenizer_mismatch
+
+    if not (src / "config.json").is_file():
+        raise UsageError(f"{src} is not a model directory (no config.json)")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if out.suffix != ".gguf":
+        raise UsageError(f"{out}: the output is one file and its name must end in .gguf")
+    converter = find_converter(llama_cpp)  # every check before minutes of work
+    if json.loads((src / "config.json").read_text()).get("model_type") == "minimind_vlm":
+        raise UsageError("a MiniMind-V checkpoint has no GGUF export here (llama.cpp keeps the vision tower in a "
+                         "separate mmproj file); export the VLM to Llava instead")
+    why = tokenizer_mismatch(src)
+    if why:
+        raise UsageError(why)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qwen3-", dir=out.parent) as tmp:
+        cls = run_export(src, Path(tmp), None)
+        partial = out.with_name(out.name + ".partial")  # a killed conversion never leaves a truncated .gguf
+        name = "minimind " + " ".join(src.resolve().parts[-2:])  # e.g. "minimind sft checkpoint-500"
+        qwen3_to_gguf(Path(tmp), partial, outtype, converter, name)
+        partial.replace(out)
+    recipe = out.with_suffix(".Modelfile")
+    recipe.write_text(modelfile(out.name))
+    return (f"{cls} -> GGUF {outtype}, {out.stat().st_size / 2**20:.1f} MiB; for ollama: "
+            f"ollama create {out.stem} -f {recipe}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert_model.py", description=__doc__.split("\n\n")[0],
         epilog="Exit codes: 0 done, 2 bad input or a checkpoint with no equivalent on the other side.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,import}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,import,gguf}")
     for name, help_text in (("export", "MiniMind checkpoint -> stock Qwen3 / Qwen3-MoE directory; "
                                        "MiniMind-V checkpoint -> stock Llava directory"),
                             ("import", "stock Qwen3 / Qwen3-MoE directory -> MiniMind checkpoint; "
@@ -167,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=DTYPES, default=None,
                        help="cast the weights (default: keep the checkpoint's dtype)")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty dst_dir")
+    from model.convert_gguf import OUTTYPES
+
+    help_text = "MiniMind checkpoint -> one GGUF file for llama.cpp / ollama, via llama.cpp's converter"
+    p = sub.add_parser("gguf", help=help_text, description=help_text)
+    p.add_argument("src_dir", type=Path, help="MiniMind checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument("dst_file", type=Path, help="output file, ending in .gguf")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                   help="tensor type in the file (f32 exact; f16 halves the size; q8_0 quarters it)")
+    p.add_argument("--llama_cpp", type=Path, default=None,
+                   help="llama.cpp source directory with convert_hf_to_gguf.py (default: $LLAMA_CPP_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dst_file")
     return parser
 
 
@@ -175,18 +224,26 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from model.convert import ConversionError
+    from model.convert_gguf import GGUFError
 
     hf_logging.disable_progress_bar()
 
+    dst = args.dst_file if args.command == "gguf" else args.dst_dir
     try:
-        check_dirs(args.src_dir, args.dst_dir, args.overwrite)
-        run = run_export if args.command == "export" else run_import
-        cls = run(args.src_dir, args.dst_dir, args.dtype)
+        if args.command == "gguf":
+            cls = run_gguf(args.src_dir, dst, args.outtype, args.llama_cpp, args.overwrite)
+        else:
+            check_dirs(args.src_dir, dst, args.overwrite)
+            run = run_export if args.command == "export" else run_import
+            cls = run(args.src_dir, dst, args.dtype)
+    except GGUFError as e:  # the converter's own last lines are the useful part
+        print(f"convert_model.py gguf: error: {str(e).strip()}", file=sys.stderr)
+        return 2
     except (UsageError, ConversionError, OSError, ValueError, KeyError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"convert_model.py {args.command}: error: {message}", file=sys.stderr)
         return 2
-    print(f"{args.command}: {args.src_dir} -> {args.dst_dir} ({cls})")
+    print(f"{args.command}: {args.src_dir} -> {dst} ({cls})")
     return 0
 
 

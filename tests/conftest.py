@@ -56,21 +56,20 @@ def data_shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def data_tokenizer():
-    """A tiny ByteLevel BPE (vocab 400, digits split one per token) trained here on demo text,
+    """A tiny ByteLevel BPE (vocab 400, Qwen2's split: digits one per token) trained here on demo text,
     wrapped as a transformers fast tokenizer with the course's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from dataset.demo import pretrain_texts, sft_conversations
+    from dataset.pre_tokenizer import qwen2_pre_tokenizer
 
     texts = pretrain_texts(300, "train") + [
         m["content"] for r in sft_conversations(300, "train") for m in r["conversations"]
     ]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tok.pre_tokenizer = qwen2_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()

@@ -2,8 +2,9 @@
 
 Byte-level: every string maps to UTF-8 bytes first, so nothing is ever "unknown". BPE then merges
 the most frequent adjacent pairs until the vocabulary is full (6400 as in MiniMind: small enough
-that the embedding table does not dominate a tiny model). Digits are split one per token (as Qwen
-does), so "68" is "6" "8" and arithmetic can be learned digit by digit instead of memorised.
+that the embedding table does not dominate a tiny model). Before merging, text is split with Qwen2's
+rule (dataset/pre_tokenizer.py): digits one per token, so "68" is "6" "8" and arithmetic can be learned
+digit by digit instead of memorised; and llama.cpp knows the rule, so a GGUF export tokenises the same.
 
     python trainer/train_0_tokenizer.py                 # demo data -> training/tokenizer/
     python trainer/train_0_tokenizer.py --data dataset/pretrain_t2t_mini.jsonl --vocab_size 6400
@@ -22,6 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dataset.chat_template import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IMAGE, SPECIAL_TOKENS
 from dataset.demo import tokenizer_corpus
+from dataset.pre_tokenizer import qwen2_pre_tokenizer
 from dataset.jsonl import iter_records
 from trainer.lib.data import held_out_count, resolve_data
 from trainer.lib.flags import DataFlags, RunFlags, flag, parse_args
@@ -57,10 +59,7 @@ def texts_of(path: Path, skip_bad_lines: bool, start: int = 0, stop: int | None 
 
 def build_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = qwen2_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
