@@ -91,10 +91,17 @@ def test_report_md_has_every_section_and_valid_plots(course):
             assert im.format == "PNG" and im.size[0] > 200
 
 
-def test_make_figures_draws_every_stage_headline_and_copies_the_stage_plots(course, tmp_path):
+def test_make_figures_draws_every_stage_headline_and_copies_the_stage_plots(course, tmp_path, capsys):
+    from server.browser import missing_chromium
     from trainer.lib.curves import HEADLINE
 
     assert load_script("make_figures").main(["--from", str(course), "--to", str(tmp_path)]) == 0
+    if missing_chromium():  # the web chat screenshot needs a browser: said, not silently skipped
+        assert f"skipped web_chat.png: {missing_chromium()}" in capsys.readouterr().out
+    else:
+        with Image.open(tmp_path / "web_chat.png") as im:
+            im.verify()
+            assert im.format == "PNG" and im.size == (1000, 620)
     overview = tmp_path / "course_curves.png"
     with Image.open(overview) as im:
         im.verify()

@@ -4,25 +4,15 @@ requests, a client that leaves mid-stream), and the web chat page it serves."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from conftest import REPO_ROOT
+from server.browser import headless_chromium, missing_chromium, running_server
 
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +21,8 @@ def server(plumb_pretrain, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve")
     src, _ = plumb_pretrain
     shutil.copytree(src / "pretrain" / "checkpoint-8", out / "sft" / "checkpoint-8")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "scripts/serve.py", "--stage", "sft", "--out_dir", str(out), "--port", str(port)],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()[-2000:]}")
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start in 240 s")
-    yield base, out / "sft" / "checkpoint-8"
-    proc.terminate()
-    proc.wait(timeout=20)
+    with running_server("sft", out) as base:
+        yield base, out / "sft" / "checkpoint-8"
 
 
 @pytest.fixture(scope="module")
@@ -176,19 +148,12 @@ def test_web_chat_page_is_served(server):
 
 def test_web_chat_in_a_headless_browser(server):
     """Type, send, watch the streamed reply; colour tokens by probability; regenerate; a second turn."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium, chromedriver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not (chromium and chromedriver):
-        pytest.skip("no chromium + chromedriver (Debian: apt install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
+    if missing_chromium():
+        pytest.skip(missing_chromium())
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(arg)
-    browser = webdriver.Chrome(service=Service(chromedriver), options=options)
+    browser = headless_chromium()
     wait = WebDriverWait(browser, 90)
     done = lambda n: wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-done") == str(n))
     try:
