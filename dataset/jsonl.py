@@ -286,6 +286,7 @@ def iter_records(
     limit: int | None = None,
     report: LoadReport | None = None,
     required: Mapping[str, str] | None = None,
+    warn: bool = True,
 ) -> Iterator[dict]:
     """Yield normalised records of ``kind`` from the jsonl file at ``path``, one line at a time.
 
@@ -293,7 +294,8 @@ def iter_records(
     with its number. ``limit`` stops after that many records (the rest of the file is not read).
     Raises :class:`DataError` for a missing file, a file with no records, or (unless
     ``skip_bad_lines``) the first bad line. See the module docstring for the output shapes.
-    The skipped-lines warning is logged when the generator finishes (end of file or ``limit``).
+    The skipped-lines warning is logged when the generator finishes (end of file or ``limit``),
+    unless ``warn=False`` (a second pass over a file whose first pass already warned).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r} (expected one of {', '.join(KINDS)})")
@@ -326,7 +328,7 @@ def iter_records(
                 continue
             report.records += 1
             yield record
-    if report.skipped:
+    if report.skipped and warn:
         reasons = "; ".join(str(e) for e in report.errors)
         logger.warning(f"{path}: skipped {report.skipped} bad line(s) of {n_nonblank}; first: {reasons}")
     if report.records == 0:

@@ -19,7 +19,8 @@ data, sets the pace (a ratio near 1 means the GPU would wait for data).
 --scale_mb N generates a ~N MB pretraining jsonl (and an N/10 MB SFT and DPO jsonl) from the demo
 texts and measures what a run on MiniMind's GB files does once: `pretokenize` the whole file
 (tokens/s on all cores, peak RSS, which must stay far below the file's size because the file is
-streamed) and load the SFT and DPO files the way those stages do (records/s, peak RSS).
+streamed) and load the SFT and DPO files the way those stages do (records/s, peak RSS: the records
+are written to Arrow files on disk and memory-mapped, trainer/lib/data.py's disk_dataset).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import model as mm
 from dataset.demo import DemoSizes, write_demo_data
 from dataset.jsonl import iter_records
 from dataset.pretokenize import PackedBlocks, TokenMemmap, pretokenize
-from trainer.lib.data import chat_rows, pair_rows, resolve_data
+from trainer.lib.data import chat_dataset, pair_dataset, resolve_data
 from trainer.lib.runtime import pick_precision, run_main, setup_logging
 from trainer.lib.stages import StageError, resolve_stage_or_path
 
@@ -105,7 +106,8 @@ def run_phase(phase: str, path: Path, tokenizer) -> dict:
         tokens = TokenMemmap(pretokenize(path, tokenizer, path.with_suffix("")))
         out = {"tokens": len(tokens), "records": len(tokens.offsets) - 1}
     else:
-        out = {"records": len((chat_rows if phase == "sft" else pair_rows)(path))}
+        load = chat_dataset if phase == "sft" else pair_dataset  # as the stages load them: Arrow on disk
+        out = {"records": len(load(path, path.parent / f"{phase}_cache"))}
     seconds = time.perf_counter() - start
     return {**out, "seconds": seconds, "base_rss_mb": base, "peak_rss_mb": rss_mb(peak=True)}
 

@@ -37,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer.lib.callbacks import SampleCallback, attach_callbacks
-from trainer.lib.data import chat_rows, resolve_data, train_and_eval
+from trainer.lib.data import chat_dataset, resolve_data, train_and_eval
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
 from trainer.lib.generation import REPLY_TOKENS, chat_ids
@@ -94,8 +94,9 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     if tokenizer.chat_template is None:
         raise StageError(f"{init}: the tokenizer has no chat template; train it with python trainer/train_0_tokenizer.py")
 
-    train_rows, eval_rows = train_and_eval(data, lambda p: chat_rows(p, args.skip_bad_lines), args.max_eval_conversations)
-    train_set, eval_set = Dataset.from_list(list(train_rows)), Dataset.from_list(list(eval_rows))
+    # On disk, memory-mapped: MiniMind's SFT files are GBs (see trainer/lib/data.py: disk_dataset).
+    train_set, eval_set = train_and_eval(data, lambda p: chat_dataset(p, run.dir / "cache", args.skip_bad_lines),
+                                         args.max_eval_conversations)
     truncated, longest = count_truncated(tokenizer, train_set, args.max_length)
     logger.info(f"{len(train_set):,} training conversations ({truncated} longer than --max_length={args.max_length}: "
                 f"their first {args.max_length} tokens are kept; longest {longest}); "
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     attach_callbacks(trainer, SampleCallback(trainer, tokenizer, args.sample_prompts.split("|"), chat=True,
                                              max_new_tokens=args.max_new_tokens))
     report = StageReport(run, resume=args.resume)
-    prompts, golds = chat_answer_items([r["messages"] for r in eval_rows])
+    prompts, golds = chat_answer_items([r["messages"] for r in eval_set])
     prompts, golds = prompts[: args.eval_answers], golds[: args.eval_answers]
     if prompts:
         def accuracy(lm) -> float:

@@ -41,7 +41,7 @@ from trl import DPOConfig, DPOTrainer
 
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer.lib.callbacks import SampleCallback, attach_callbacks
-from trainer.lib.data import pair_rows, resolve_data, train_and_eval
+from trainer.lib.data import pair_dataset, resolve_data, train_and_eval
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
 from trainer.lib.metrics import chat_answer_items, logged_answer_accuracy, loglik_accuracy, pair_logprobs, preference_accuracy
@@ -99,7 +99,10 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     if tokenizer.chat_template is None:
         raise StageError(f"{init}: the tokenizer has no chat template; train it with python trainer/train_0_tokenizer.py")
 
-    train_rows, eval_rows = train_and_eval(data, lambda p: pair_rows(p, args.skip_bad_lines), args.max_eval_pairs)
+    # Training pairs on disk, memory-mapped (trainer/lib/data.py: disk_dataset); the few held-out ones as a list.
+    train_rows, eval_rows = train_and_eval(data, lambda p: pair_dataset(p, run.dir / "cache", args.skip_bad_lines),
+                                           args.max_eval_pairs)
+    eval_rows = list(eval_rows)
     logger.info(f"{len(train_rows):,} training pairs, {len(eval_rows)} held-out pairs; "
                 f"loss {'+'.join(settings['loss_type'])} (weights {settings['loss_weights']}), beta {args.beta}")
 
@@ -108,7 +111,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     reference.requires_grad_(False)
     config = DPOConfig(**trainer_kwargs(args, run, has_eval=True), max_length=args.max_length,
                        truncation_mode="keep_start", **settings)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(train_rows),
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=train_rows,
                          eval_dataset=Dataset.from_list(eval_rows), processing_class=tokenizer, callbacks=list(callbacks))
     attach_callbacks(trainer, SampleCallback(trainer, tokenizer, args.sample_prompts.split("|"), chat=True),
                      perplexity=False)

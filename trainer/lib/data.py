@@ -8,14 +8,17 @@ tail of the training records for evaluation, the one rule every stage uses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
 from loguru import logger
 
-from dataset.jsonl import find_default_file, load_records
+from dataset.jsonl import LoadReport, find_default_file, iter_records, load_records
 from trainer.lib.stages import REPO_ROOT, StageError
 
 T = TypeVar("T")
@@ -101,10 +104,76 @@ def rl_rows(path: Path, skip_bad_lines: bool = False, need_gt: bool = False) -> 
 
 def pair_rows(path: Path, skip_bad_lines: bool = False) -> list[dict]:
     """Preference records {"prompt", "chosen", "rejected"} (message lists: trl's conversational format)."""
-    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-            for r in load_records(path, "dpo", skip_bad_lines=skip_bad_lines)]
+    return [_pair(r) for r in load_records(path, "dpo", skip_bad_lines=skip_bad_lines)]
+
+
+def _pair(r: dict) -> dict:
+    return {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+
+
+def _chat(r: dict) -> dict:
+    return {"messages": r["messages"]}
 
 
 def chat_rows(path: Path, skip_bad_lines: bool = False) -> list[dict]:
     """Chat records as {"messages"} (trl's conversational language-modeling format)."""
-    return [{"messages": r["messages"]} for r in load_records(path, "chat", skip_bad_lines=skip_bad_lines)]
+    return [_chat(r) for r in load_records(path, "chat", skip_bad_lines=skip_bad_lines)]
+
+
+def chat_dataset(path: Path, cache_dir: Path, skip_bad_lines: bool = False):
+    """`chat_rows` as a datasets.Dataset on disk (bounded memory for a file of any size)."""
+    return disk_dataset(path, "chat", cache_dir, skip_bad_lines)
+
+
+def pair_dataset(path: Path, cache_dir: Path, skip_bad_lines: bool = False):
+    """`pair_rows` as a datasets.Dataset on disk (bounded memory for a file of any size)."""
+    return disk_dataset(path, "dpo", cache_dir, skip_bad_lines)
+
+
+ROW = {"chat": _chat, "dpo": _pair}
+
+
+def _rows(path: str, kind: str, skip_bad_lines: bool, key: str = "", report: LoadReport | None = None,
+          warn: bool = True) -> Iterator[dict]:
+    """The generator datasets runs; module-level with plain arguments, so it fingerprints the cache by
+    value (`key`: the file's path, size and mtime, so a changed file is read again)."""
+    yield from map(ROW[kind], iter_records(path, kind, skip_bad_lines=skip_bad_lines, report=report, warn=warn))
+
+
+def disk_dataset(source: Path, kind: str, cache_dir: Path, skip_bad_lines: bool = False, batch: int = 1000):
+    """The `kind` records of `source` ("chat" or "dpo") as a datasets.Dataset written to Arrow files under `cache_dir` one batch at
+    a time and memory-mapped back, so memory stays bounded however large the file (`Dataset.from_list`
+    holds every record as Python objects and then a copy as Arrow: ~6x the file's size).
+
+    Arrow needs one schema for all rows, and a message with `tool_calls` or `reasoning_content` may
+    first appear on line 90,000, after the first batch fixed it. So the first pass streams the file
+    and unifies each batch's schema (structs gain the fields any record has, missing ones are null,
+    exactly as `from_list` does); the second writes the rows. Both are cached, keyed by the file's
+    path, size and mtime: a second run with the same file reads the Arrow files directly."""
+    import pyarrow as pa
+    from datasets import Dataset, Features
+
+    stat = source.stat()
+    key = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    skip = "-skip" if skip_bad_lines else ""
+    schema_file = cache_dir / f"{source.stem}-{stat.st_size}-{stat.st_mtime_ns}{skip}.features.json"
+    if schema_file.is_file():  # read before: say again what was skipped then
+        saved = json.loads(schema_file.read_text())
+        features = Features.from_dict(saved["features"])
+        if saved["skipped"]:
+            logger.warning(f"{source}: skipped {saved['skipped']} bad line(s); first: {saved['first']}")
+    else:
+        report, schemas = LoadReport(), []
+        rows = _rows(str(source), kind, skip_bad_lines, report=report)
+        while chunk := list(islice(rows, batch)):
+            schemas.append(pa.Table.from_pylist(chunk).schema)
+        features = Features.from_arrow_schema(pa.unify_schemas(schemas, promote_options="permissive"))
+        saved = {"features": features.to_dict(), "skipped": report.skipped,
+                 "first": "; ".join(str(e) for e in report.errors)}
+        tmp = schema_file.with_suffix(f".{os.getpid()}.tmp")  # per process: torchrun ranks may race here
+        tmp.write_text(json.dumps(saved))
+        tmp.replace(schema_file)
+    kwargs = {"path": str(source), "kind": kind, "skip_bad_lines": skip_bad_lines, "key": key, "warn": False}
+    return Dataset.from_generator(_rows, features=features, gen_kwargs=kwargs, cache_dir=str(cache_dir),
+                                  writer_batch_size=batch)
