@@ -93,11 +93,19 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     logger.info(f"model {args.preset}: {mm.format_parameters(model)}")
 
+    report = StageReport(run, resume=args.resume)
+    resume = resume_checkpoint(run.dir, args.resume)
+    # The untrained model's held-out loss (about ln(vocab) nats) is the Trainer's own evaluation at
+    # step 0 (eval_on_start; a resumed run finds it in the checkpoint's log history), not a
+    # trainer.evaluate() before trainer.train(): that call registers the model with accelerate
+    # unwrapped, and train() then leaves it outside DistributedDataParallel, so under torchrun every
+    # process trained its own copy (measured: the two processes' parameters apart after one step).
     trainer = Trainer(
         model=model,
         # Only MoE leaves parameters unused in a step (experts no token chose); searching for them
         # costs DDP an extra pass, so dense models skip it.
-        args=TrainingArguments(**trainer_kwargs(args, run, has_eval=True, ddp_find_unused_parameters=config.is_moe)),
+        args=TrainingArguments(**trainer_kwargs(args, run, has_eval=True, ddp_find_unused_parameters=config.is_moe,
+                                                eval_on_start=resume is None)),
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=default_data_collator,
@@ -105,12 +113,11 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
         callbacks=list(callbacks),
     )
     attach_callbacks(trainer, SampleCallback(trainer, tokenizer, args.sample_prompts.split("|"), chat=False))
-    report = StageReport(run, resume=args.resume)
-    # Before: the untrained model, about log(vocab) nats.
-    report.before("eval_loss", lambda: trainer.evaluate()["eval_loss"], higher_is_better=False, baseline=baseline)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(run.dir, args.resume))
+    trainer.train(resume_from_checkpoint=resume)
 
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    at_start = [h["eval_loss"] for h in evals if h["step"] == 0] or [float("nan")]  # nan: a pre-eval_on_start run
+    report.before("eval_loss", at_start[0], higher_is_better=False, baseline=baseline)
     metrics = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else trainer.evaluate()
     report.after("eval_loss", metrics["eval_loss"])
     report.save(trainer.state.global_step, **trainer_seen(trainer))
