@@ -5,7 +5,7 @@
 
 Writes `course_curves.png` (every stage's headline curve in one figure), copies each stage's
 curves from `<from>/plots/` as `stage_<name>.png`, and takes `web_chat.png`: the SFT model served
-by scripts/serve.py, asked two questions at temperature 0 in headless Chromium, the probability
+by scripts/serve.py, asked a question and a follow-up at temperature 0 in headless Chromium, the probability
 colours on and one token's alternatives showing (skipped with a message where Chromium is missing;
 `--no_web_chat` skips it).
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from trainer.lib.curves import plot_course
 
-QUESTIONS = ("What is 47 + 25?", "Ben has a yellow cup and Amy has a pink pen. Who has the yellow cup?")
+# A question and a follow-up in the demo's own style (the model was taught to carry the answer on).
+QUESTIONS = ("What is 47 + 25?", "Now take away 6.")
 
 
 def web_chat_screenshot(source: Path, png: Path) -> Path:
@@ -42,8 +43,8 @@ def web_chat_screenshot(source: Path, png: Path) -> Path:
                 browser.find_element(By.ID, "send").click()
                 wait.until(lambda b, n=n: b.find_element(By.TAG_NAME, "body").get_attribute("data-done") == str(n))
             browser.find_element(By.ID, "showprobs").click()
-            # Hover the least certain token of the first reply: its alternatives pop up.
-            tokens = browser.find_elements(By.CSS_SELECTOR, "#log .msg.assistant")[0].find_elements(By.CSS_SELECTOR, ".tok")
+            # Hover the least certain token of the last reply: its alternatives pop up.
+            tokens = browser.find_elements(By.CSS_SELECTOR, "#log .msg.assistant")[-1].find_elements(By.CSS_SELECTOR, ".tok")
             unsure = min(tokens, key=lambda t: float(t.get_attribute("data-p")))
             ActionChains(browser).move_to_element(unsure).perform()
             png.parent.mkdir(parents=True, exist_ok=True)
