@@ -158,14 +158,17 @@ def gguf_pair(tmp_path_factory, shared_texts):
 def test_gguf_metadata(gguf_pair):
     """What llama.cpp reads: the qwen3 architecture, the `qwen2` split, our vocabulary in order, our
     end-of-turn token, the chat template; an ollama Modelfile beside it, and no temporary file."""
+    import subprocess
     import sys
 
-    sys.path.insert(0, str(llama_cpp_dir() / "gguf-py"))
-    import gguf
-
     ours, tokenizer, out = gguf_pair
-    fields = gguf.GGUFReader(out).fields
-    value = {k: f.contents() for k, f in fields.items() if k != "tokenizer.ggml.merges"}
+    # Read with the converter's own gguf-py, in a child process (its path never enters ours).
+    read = ("import json, sys, gguf; f = gguf.GGUFReader(sys.argv[1]).fields; "
+            "print(json.dumps({k: v.contents() for k, v in f.items() if k != 'tokenizer.ggml.merges'}))")
+    done = subprocess.run([sys.executable, "-c", read, str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(llama_cpp_dir() / "gguf-py")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    value = json.loads(done.stdout.strip().splitlines()[-1])
     assert value["general.architecture"] == "qwen3" and value["tokenizer.ggml.pre"] == "qwen2"
     assert value["tokenizer.ggml.tokens"] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     assert value["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
