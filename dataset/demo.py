@@ -15,13 +15,19 @@ each stage can show its effect in minutes:
 * DPO pairs (``{"chosen", "rejected"}``): same prompt; the rejected answer holds a plausible mistake
   (off by one or ten, wrong operation, wrong colour/person/place) or drops the "The answer is" line,
   so the preference is decidable from the text alone;
-* RL prompts (``{"conversations": [user, placeholder], "gt": ["Ben"]}``): questions of one skill
+* RL prompts (``{"conversations": [user, placeholder], "gt": ["81"]}``): questions of one skill
   (``DemoSizes.rl_skill``) that the SFT model gets right only part of the time, which is where
   GRPO/PPO have something to learn: a group of sampled answers must hold both right and wrong ones.
-  Once sums are worked in columns the tiny SFT model solves every arithmetic skill (~100%), so the
-  default is ``copy``, questions answered from the story ("Ben has a yellow cup and Amy has a pink
-  pen. Who has the yellow cup?"), which it answers ~30% of the time and samples right in most
-  groups. ``word`` / ``two_step`` / ``one_digit_word`` give arithmetic prompts (numeric ``gt``).
+  The default is ``chain``: three numbers joined by operators drawn at random ("What is 33 - 30 +
+  19?"). SFT teaches two-step sums almost always in the story's pattern "a + b - c" and only now
+  and then a chain (:data:`CHAIN_SHARE`), so the SFT model knows how to read the operators but
+  often writes the pattern instead (~50% right): RL has to teach it to read the question.
+  ``copy`` (a name, colour or place from the story), ``word``, ``two_step`` and ``one_digit_word``
+  are the other skills;
+* reward-model pairs (``reward_{train,eval}.jsonl``, DPO's format): chain questions with a right
+  answer and one with the mistakes the SFT model makes there (:func:`reward_pairs`): the reward
+  model judges the answers PPO will sample, as InstructGPT's labellers compared the policy's own
+  answers to the prompt distribution.
 
 Held-out splits measure generalisation, not recall. Every two-digit arithmetic step ``(op, a, b)``
 (addition keyed by the unordered pair), every world fact ``(name, colour, object)`` /
@@ -32,9 +38,8 @@ they are this world's times table, known to both splits, and a held-out question
 cast no train record has. Train and eval also use different random seeds.
 
 Generation is deterministic (``random.Random`` seeded with a string), takes a couple of seconds and
-copies no third-party text. The VLM stage will add pictures of the same world (coloured objects,
-counts, positions) as ``vlm_train``/``vlm_eval`` entries of :func:`write_demo_data`; they are not
-built yet.
+copies no third-party text. The pictures of the same world (the VLM stage) are in
+:mod:`dataset.demo_vision`.
 """
 
 from __future__ import annotations
@@ -49,8 +54,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEMO_VERSION = 5
+DEMO_VERSION = 6
 EVAL_PERCENT = 15
+# Of SFT's bare two-step questions, the share that are chains with random operators (~1% of all
+# SFT chats). At 0 the SFT model answers every chain in the story's pattern (35% right, and never a
+# right sample for "a + b + c": GRPO gets no signal); at 0.3 it reads them (75%): little left for RL.
+CHAIN_SHARE = 0.1
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are a careful math tutor. End with the answer.",
@@ -70,7 +79,8 @@ class DemoSizes:
     """Record counts per file, tuned for a few-M-parameter model on 2 CPU cores.
 
     With ~1 token per word, digit or punctuation mark the defaults give roughly 600k pretraining
-    tokens, 8k SFT chats (~300k tokens with the chat template), 3k DPO pairs and 2k RL prompts; eval files are small.
+    tokens, 8k SFT chats (~650k tokens with the chat template), 3k DPO pairs, 3k reward-model pairs
+    and 2k RL prompts; eval files are small.
     ``rl_skill``: what the RL prompts ask, one of :data:`RL_SKILLS` (see :func:`rl_prompts`).
     """
 
@@ -80,9 +90,11 @@ class DemoSizes:
     sft_eval: int = 400
     dpo_train: int = 3000
     dpo_eval: int = 300
+    reward_train: int = 3000
+    reward_eval: int = 300
     rl_train: int = 2000
     rl_eval: int = 300
-    rl_skill: str = "copy"
+    rl_skill: str = "chain"
     seed: int = 0
 
 
@@ -125,7 +137,7 @@ def extract_answer(text: str) -> str | None:
     return answer or None
 
 
-SKILLS = ("copy", "one_digit_arith", "arith", "one_digit_word", "word", "two_step", "follow_up")
+SKILLS = ("copy", "one_digit_arith", "arith", "one_digit_word", "word", "two_step", "chain", "follow_up")
 
 
 def skill_of(question: str) -> str:
@@ -134,7 +146,9 @@ def skill_of(question: str) -> str:
     ``copy``: the answer is a name, colour or place stated in the question; ``one_digit_arith`` /
     ``arith``: bare arithmetic with one-digit / larger numbers; ``one_digit_word`` / ``word``: a
     one-step word problem; ``two_step``: two operations in a row; ``follow_up``: a second turn that
-    builds on the previous answer. Any other text (not a demo question) is ``other``.
+    builds on the previous answer; ``chain``: three numbers whose operators are not the story's
+    pattern "+ then -" (read from the question, see :func:`_q_chain`). Any other text (not a demo
+    question) is ``other``.
     """
     numbers = [int(n) for n in re.findall(r"\d+", question)]
     if re.search(r"^(Now add|Now take away|And what colour)", question):
@@ -142,7 +156,7 @@ def skill_of(question: str) -> str:
     if re.search(r"What colour is|Who has the|Where did", question):
         return "copy"
     if len(numbers) == 3:
-        return "two_step"
+        return "two_step" if re.findall(r" ([+-]) \d", question) in ([], ["+", "-"]) else "chain"
     if len(numbers) != 2:
         return "other"
     small = all(n < 10 for n in numbers)
@@ -412,6 +426,49 @@ def _q_arith(w: _World, op: str | None = None, carry: bool | None = None) -> tup
     return q, f"{_eq(a, op, b)} The answer is {c}.", c
 
 
+def _work_chain(numbers: Sequence[int], ops: Sequence[str]) -> tuple[list[str], list[tuple], int] | None:
+    """``numbers[0] ops[0] numbers[1] ...`` worked one step at a time -> (worked steps, their keys,
+    value), or ``None`` when a running value would go below 0."""
+    value, steps, keys = numbers[0], [], []
+    for op, b in zip(ops, numbers[1:]):
+        if op == "-" and b > value:
+            return None
+        keys.append(_add_key(value, b) if op == "+" else _sub_key(value, b))
+        steps.append(_eq(value, op, b))
+        value = value + b if op == "+" else value - b
+    return steps, keys, value
+
+
+def _chain(w: _World, n_numbers: int = 3) -> tuple[list[int], list[str], list[str], int]:
+    """(numbers, operators, worked steps, value) of a chain whose every step is a key of this split."""
+    rng = w.rng
+    while True:
+        numbers = [rng.randint(10, 60) for _ in range(n_numbers)]
+        ops = [rng.choice("+-") for _ in range(n_numbers - 1)]
+        worked = _work_chain(numbers, ops)
+        if worked and w.ok(*worked[1]):
+            return numbers, ops, worked[0], worked[2]
+
+
+def _q_chain(w: _World, n_numbers: int = 3) -> tuple[str, str, int]:
+    """``a op b op c`` with every operator drawn at random -> (question, worked answer, value).
+
+    SFT mostly sees the two-step pattern ``a + b - c``; a chain must read its operators from the
+    question, one step at a time, so a model that learnt the pattern instead of reading the question
+    answers "33 - 30 + 19" as "33 + 30 ... - 19". Every running value stays >= 0."""
+    numbers, ops, steps, value = _chain(w, n_numbers)
+    expr = " ".join([str(numbers[0])] + [f"{op} {b}" for op, b in zip(ops, numbers[1:])])
+    q = w.rng.choice([f"What is {expr}?", f"Compute {expr}."])
+    return q, f"{' '.join(steps)} The answer is {value}.", value
+
+
+def _q_steps(w: _World) -> tuple[str, str, int]:
+    """A bare question of two steps: mostly the story's pattern "a + b - c" (a child has some, gets
+    more, gives some away); now and then (:data:`CHAIN_SHARE`) a chain whose operators must be read,
+    so a model taught on these knows how to read them, but not reliably: the RL prompts' edge."""
+    return _q_chain(w) if w.rng.random() < CHAIN_SHARE else _q_two_step(w)
+
+
 def _q_two_step(w: _World) -> tuple[str, str, int]:
     a, b, c = w.two_step()
     q = w.rng.choice([f"What is {a} + {b} - {c}?", f"Compute {a} + {b} - {c}."])
@@ -510,7 +567,7 @@ def _sft_one(w: _World) -> list[dict]:
         q, a, value = _q_arith(w)
         follow = _follow_up(w, value) if rng.random() < 0.25 else None
     elif roll < 0.45:
-        q, a, value = _q_two_step(w)
+        q, a, value = _q_steps(w)
     elif roll < 0.7:
         steps = 2 if rng.random() < 0.2 else 1
         q, a, value = _q_word(w, steps=steps, small=steps == 1 and rng.random() < 0.3)
@@ -585,7 +642,7 @@ def _dpo_one(w: _World) -> dict:
         else:
             bad = good.rpartition(" The answer is")[0]
     elif roll < 0.75:
-        q, good, value = _q_two_step(w)
+        q, good, value = _q_steps(w)
         bad = _wrong_number(w, good, value) if rng.random() < 0.8 else good.rpartition(" The answer is")[0]
     else:
         q, good, answer, facts = _q_world(w)
@@ -608,10 +665,66 @@ def dpo_pairs(n: int, split: str, seed: int = 0) -> list[dict]:
     return [_dpo_one(w) for _ in range(n)]
 
 
-RL_SKILLS = ("copy", "one_digit_word", "word", "two_step")
+REWARD_MISTAKES = ("operator", "carry", "off", "early", "no_answer")
+# In the proportions the SFT model errs on chains (of its wrong answers at temperature 0.7: 77% an
+# operator not read from the question, 20% a slip inside a column, 3% a result off by one or ten),
+# plus answers cut short or without an answer line, the shortcuts a policy tries during RL.
+REWARD_MISTAKE_WEIGHTS = (0.6, 0.2, 0.05, 0.1, 0.05)
+
+
+def _reward_one(w: _World) -> dict:
+    """A chain question (the RL prompts' skill) with a right answer and one with a mistake the SFT
+    model makes on it: an operator not read from the question (the pattern ``+`` then ``-``, or one
+    flipped), a carry or borrow dropped in one step, a result off by one or ten, stopping after the
+    first step, or no answer line."""
+    rng = w.rng
+    numbers, ops, steps, value = _chain(w)
+    expr = " ".join([str(numbers[0])] + [f"{op} {b}" for op, b in zip(ops, numbers[1:])])
+    q = rng.choice([f"What is {expr}?", f"Compute {expr}."])
+    good = f"{' '.join(steps)} The answer is {value}."
+    bad = None
+    while bad is None:
+        mistake = rng.choices(REWARD_MISTAKES, REWARD_MISTAKE_WEIGHTS)[0]
+        if mistake == "operator":
+            wrong_ops = ["+", "-"] if ops != ["+", "-"] else [rng.choice("+-"), "+"]
+            worked = _work_chain(numbers, wrong_ops)
+            if worked and worked[2] != value:
+                bad = f"{' '.join(worked[0])} The answer is {worked[2]}."
+        elif mistake == "carry":
+            i = rng.randrange(len(ops))
+            running = _work_chain(numbers[: i + 1], ops[:i])[2]
+            slip = _forgot_carry(running, ops[i], numbers[i + 1])
+            if slip:
+                rest = _work_chain([slip[1], *numbers[i + 2:]], ops[i + 1:])
+                if rest:
+                    bad = " ".join([*steps[:i], slip[0], *rest[0]]) + f" The answer is {rest[2]}."
+        elif mistake == "off":
+            bad = _wrong_number(w, good, value)
+        elif mistake == "early":
+            first = _work_chain(numbers[:2], ops[:1])
+            bad = f"{first[0][0]} The answer is {first[2]}."
+        else:
+            bad = " ".join(steps)
+    prompt = [{"role": "user", "content": q}]
+    return {"chosen": prompt + [{"role": "assistant", "content": good}],
+            "rejected": prompt + [{"role": "assistant", "content": bad}]}
+
+
+def reward_pairs(n: int, split: str, seed: int = 0) -> list[dict]:
+    """``n`` preference records for the reward model, on the prompts PPO will ask (chains, see
+    :func:`_q_chain`): as in InstructGPT, a reward model is trained on comparisons of answers to the
+    policy's own prompt distribution, with the mistakes the policy makes there."""
+    w = _World(random.Random(f"demo-reward-{split}-{seed}"), split)
+    return [_reward_one(w) for _ in range(n)]
+
+
+RL_SKILLS = ("chain", "copy", "one_digit_word", "word", "two_step")
 
 
 def _rl_one(w: _World, skill: str) -> tuple[str, str | int]:
+    if skill == "chain":
+        q, _, value = _q_chain(w)
+        return q, value
     if skill == "copy":
         q, _, answer, _ = _q_world(w)
         return q, answer
@@ -650,8 +763,8 @@ def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
     tmp.replace(path)
 
 
-DEMO_FILES = ("pretrain_train", "pretrain_eval", "sft_train", "sft_eval",
-              "dpo_train", "dpo_eval", "rl_train", "rl_eval")
+DEMO_FILES = ("pretrain_train", "pretrain_eval", "sft_train", "sft_eval", "dpo_train", "dpo_eval",
+              "reward_train", "reward_eval", "rl_train", "rl_eval")
 
 
 def is_current(manifest_path: Path, manifest: dict, files: Iterable[Path]) -> bool:
@@ -686,6 +799,7 @@ def write_demo_data(out_dir: str | Path, sizes: DemoSizes | None = None) -> dict
         _write_jsonl(paths[f"pretrain_{split}"], ({"text": t} for t in texts))
         _write_jsonl(paths[f"sft_{split}"], sft_conversations(getattr(sizes, f"sft_{split}"), split, seed))
         _write_jsonl(paths[f"dpo_{split}"], dpo_pairs(getattr(sizes, f"dpo_{split}"), split, seed))
+        _write_jsonl(paths[f"reward_{split}"], reward_pairs(getattr(sizes, f"reward_{split}"), split, seed))
         rl = rl_prompts(getattr(sizes, f"rl_{split}"), split, seed, sizes.rl_skill)
         _write_jsonl(paths[f"rl_{split}"], rl)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -698,7 +812,8 @@ def tokenizer_corpus(out_dir: str | Path, sizes: DemoSizes | None = None) -> Ite
     missing). Eval files are left out so the tokenizer never sees held-out text."""
     paths = write_demo_data(out_dir, sizes)
     for stage, key in (("pretrain_train", None), ("sft_train", "conversations"),
-                       ("dpo_train", "chosen"), ("dpo_train", "rejected"), ("rl_train", "conversations")):
+                       ("dpo_train", "chosen"), ("dpo_train", "rejected"), ("reward_train", "chosen"),
+                       ("reward_train", "rejected"), ("rl_train", "conversations")):
         with paths[stage].open(encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)

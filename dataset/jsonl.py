@@ -61,6 +61,8 @@ DEFAULT_FILES: dict[str, list[str]] = {
     "pretrain": ["pretrain_t2t_mini.jsonl", "pretrain_hq.jsonl"],
     "sft": ["sft_t2t_mini.jsonl", "sft_mini_512.jsonl"],
     "dpo": ["dpo.jsonl"],
+    # The reward model's comparisons: a file of its own if you have one, else the DPO pairs (MiniMind).
+    "reward": ["reward.jsonl", "dpo.jsonl"],
     "rl": ["rlaif.jsonl", "rlaif-mini.jsonl"],
 }
 """MiniMind's own file names per stage, looked up under ``<repo_root>/dataset/`` in this order."""

@@ -35,8 +35,8 @@ from trainer.lib.stages import REPO_ROOT, STAGES, latest_checkpoint, stage_outpu
 STATE_FILE = "pipeline.json"
 # Seconds each stage took with its defaults on the 2-core CPU: the first guess of the time left,
 # corrected as the run goes by how much faster or slower this machine is.
-EXPECTED_SECONDS = {"tokenizer": 10, "pretrain": 250, "sft": 630, "dpo": 190, "grpo": 380, "reward": 120,
-                    "ppo": 170, "vlm": 340}
+EXPECTED_SECONDS = {"tokenizer": 10, "pretrain": 270, "sft": 700, "dpo": 240, "grpo": 330, "reward": 460,
+                    "ppo": 320, "vlm": 340}
 PASSED_TO_ALL = ("seed",)  # a pipeline flag every stage with that flag receives
 
 

@@ -15,6 +15,7 @@ from dataset.demo import (
     SKILLS,
     DemoSizes,
     extract_answer,
+    reward_pairs,
     rl_prompts,
     skill_of,
     split_of,
@@ -26,7 +27,7 @@ from dataset.demo import (
 )
 
 SMALL = DemoSizes(pretrain_train=60, pretrain_eval=20, sft_train=80, sft_eval=20,
-                  dpo_train=40, dpo_eval=10, rl_train=30, rl_eval=10)
+                  dpo_train=40, dpo_eval=10, reward_train=30, reward_eval=10, rl_train=30, rl_eval=10)
 # A two-number equation "a op b = c" (not the tail of a chain such as "4 + 2 + 1 = 7").
 EQ = re.compile(r"(?<![+-] )\b(\d+) ([+-]) (\d+) = (\d+)\b")
 CHAIN = re.compile(r"\b(\d+(?: [+-] \d+)+) = (\d+)\b")
@@ -85,7 +86,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     a = write_demo_data(tmp_path / "a", SMALL)
     b = write_demo_data(tmp_path / "b", SMALL)
     c = write_demo_data(tmp_path / "c", DemoSizes(**{**SMALL.__dict__, "seed": 1}))
-    assert set(a) == {f"{s}_{p}" for s in ("pretrain", "sft", "dpo", "rl") for p in ("train", "eval")}
+    assert set(a) == {f"{s}_{p}" for s in ("pretrain", "sft", "dpo", "reward", "rl") for p in ("train", "eval")}
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes()
         assert a[name].read_bytes() != c[name].read_bytes()
@@ -110,7 +111,8 @@ def test_default_sizes_fit_the_cpu_budget(data_demo_dir):
     assert 400_000 <= n_tokens <= 700_000
     assert 6000 <= len(_jsonl(data_demo_dir["sft_train"])) <= 10_000
     assert len(_jsonl(data_demo_dir["dpo_train"])) == 3000 and len(_jsonl(data_demo_dir["rl_train"])) == 2000
-    assert all(200 <= len(_jsonl(data_demo_dir[f"{s}_eval"])) <= 500 for s in ("pretrain", "sft", "dpo", "rl"))
+    assert len(_jsonl(data_demo_dir["reward_train"])) == 3000
+    assert all(200 <= len(_jsonl(data_demo_dir[f"{s}_eval"])) <= 500 for s in ("pretrain", "sft", "dpo", "reward", "rl"))
     vocab = {w for t in texts for w in word_tokens(t)}
     assert len(vocab) < 200
     assert 2.0 < unigram_entropy(texts) < 5.0
@@ -120,7 +122,8 @@ def test_train_and_eval_are_disjoint(data_demo_dir):
     load = {name: _jsonl(path) for name, path in data_demo_dir.items()}
     for stage in ("sft", "rl"):
         assert not _user_texts(load[f"{stage}_train"]) & _user_texts(load[f"{stage}_eval"])
-    assert not _user_texts(load["dpo_train"], "chosen") & _user_texts(load["dpo_eval"], "chosen")
+    for stage in ("dpo", "reward"):
+        assert not _user_texts(load[f"{stage}_train"], "chosen") & _user_texts(load[f"{stage}_eval"], "chosen")
 
     def chat_text(records):
         return " ".join(m["content"] for r in records for m in r["conversations"])
@@ -182,14 +185,63 @@ def test_dpo_chosen_is_right_and_rejected_is_wrong(data_demo_dir):
     assert 0.05 < broken_format / len(records) < 0.3
 
 
+def _chain_value(question: str) -> int:
+    tokens = re.search(r"(\d+(?: [+-] \d+)+)", question).group(1).split()
+    return int(tokens[0]) + sum(int(x) * (1 if op == "+" else -1) for op, x in zip(tokens[1::2], tokens[2::2]))
+
+
 def test_rl_prompts_have_checkable_gt(data_demo_dir):
+    patterns = set()
     for name in ("rl_train", "rl_eval"):
         for r in _jsonl(data_demo_dir[name]):
             user, placeholder = r["conversations"]
             assert placeholder == {"role": "assistant", "content": ""}
-            # The default skill is "copy": the answer is stated in the question.
-            assert len(r["gt"]) == 1 and r["gt"][0] in user["content"], r
-            assert skill_of(user["content"]) == "copy" and r["gt"][0] in (*NAMES, *COLOURS, *PLACES)
+            # The default skill is "chain": three numbers, each operator drawn at random.
+            assert r["gt"] == [str(_chain_value(user["content"]))], r
+            assert skill_of(user["content"]) in ("chain", "two_step")
+            patterns.add(tuple(re.findall(r" ([+-]) \d", user["content"])))
+    assert patterns == {("+", "+"), ("+", "-"), ("-", "+"), ("-", "-")}
+
+
+def test_chain_steps_are_split_and_sft_sees_few_chains(data_demo_dir):
+    for split in ("train", "eval"):
+        for r in rl_prompts(100, split, skill="chain"):
+            q = r["conversations"][0]["content"]
+            numbers, ops = list(map(int, re.findall(r"\d+", q))), re.findall(r" ([+-]) \d", q)
+            running = numbers[0]
+            for op, b in zip(ops, numbers[1:]):
+                key = ("add", min(running, b), max(running, b)) if op == "+" else ("sub", running, b)
+                assert _shared(key) or split_of(*key) == split, q
+                running = running + b if op == "+" else running - b
+                assert running >= 0
+    # SFT teaches the story's pattern "+ then -" and only now and then a chain (the RL prompts' edge).
+    users = [next(m["content"] for m in r["conversations"] if m["role"] == "user") for r in _jsonl(data_demo_dir["sft_train"])]
+    share = sum(skill_of(u) == "chain" for u in users) / len(users)
+    assert 0.002 < share < 0.03, share
+
+
+def test_reward_pairs_are_chains_with_the_policys_mistakes(data_demo_dir):
+    records = _jsonl(data_demo_dir["reward_train"])
+    kinds = {"no_answer": 0, "early": 0, "operator": 0, "other": 0}
+    for r in records:
+        prompt = r["chosen"][0]["content"]
+        chosen, rejected = r["chosen"][-1]["content"], r["rejected"][-1]["content"]
+        assert r["chosen"][:-1] == r["rejected"][:-1] and chosen != rejected
+        value = _chain_value(prompt)
+        assert extract_answer(chosen) == str(value) and _equations_true(chosen), chosen
+        bad = extract_answer(rejected)
+        if bad is None:
+            kinds["no_answer"] += 1
+        elif rejected.count(" so ") < chosen.count(" so "):
+            kinds["early"] += 1
+        elif re.findall(r"so \d+ ([+-])", rejected) != re.findall(r"so \d+ ([+-])", chosen):
+            kinds["operator"] += 1
+            assert _equations_true(rejected) and bad != str(value)
+        else:
+            kinds["other"] += 1
+            assert bad != str(value)
+    assert all(n > 0.05 * len(records) for n in kinds.values()), kinds
+    assert reward_pairs(5, "eval") != reward_pairs(5, "train")
 
 
 def test_rl_skill_chooses_what_the_prompts_ask():
@@ -266,6 +318,8 @@ def test_tokenizer_corpus_is_train_only(tmp_path):
     ("Tom has 3 eggs. Mia gives him 4 more. How many eggs does Tom have now?", "one_digit_word"),
     ("Tom has 23 eggs. Mia gives him 45 more. How many eggs does Tom have now?", "word"),
     ("What is 23 + 45 - 17?", "two_step"),
+    ("What is 23 - 17 + 45?", "chain"),
+    ("Compute 23 + 45 + 17.", "chain"),
     ("Now add 12 to that.", "follow_up"),
     ("Tell me a joke.", "other"),
 ])

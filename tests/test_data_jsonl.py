@@ -222,17 +222,23 @@ def test_find_default_file_prefers_minimind_order(tmp_path):
     assert find_default_file("sft", tmp_path) == tmp_path / "dataset" / "sft_t2t_mini.jsonl"
     with pytest.raises(ValueError):
         find_default_file("chat", tmp_path)
+    # The reward model reads MiniMind's DPO pairs unless a reward.jsonl of its own is there.
+    assert find_default_file("reward", tmp_path) is None
+    (tmp_path / "dataset" / "dpo.jsonl").write_text("{}\n")
+    assert find_default_file("reward", tmp_path) == tmp_path / "dataset" / "dpo.jsonl"
+    (tmp_path / "dataset" / "reward.jsonl").write_text("{}\n")
+    assert find_default_file("reward", tmp_path) == tmp_path / "dataset" / "reward.jsonl"
 
 
 @pytest.mark.parametrize("name, kind", [("pretrain_train", "pretrain"), ("sft_eval", "chat"),
-                                        ("dpo_train", "dpo"), ("rl_eval", "rl")])
+                                        ("dpo_train", "dpo"), ("reward_eval", "dpo"), ("rl_eval", "rl")])
 def test_loaders_read_demo_data(data_demo_dir, name, kind):
     records = load_records(data_demo_dir[name], kind)
     n_lines = sum(1 for _ in data_demo_dir[name].open())
     assert len(records) == n_lines > 100
     if kind == "rl":
-        assert all(r["prompt"][-1]["role"] == "user" and r["gt"][0] in r["prompt"][-1]["content"]
-                   for r in records)
+        assert all(r["prompt"][-1]["role"] == "user" and len(r["gt"]) == 1 and r["gt"][0].isdigit()
+                   for r in records)  # the default RL skill is a chain of sums: the answer is a number
     if kind == "dpo":
         assert all(r["chosen"] != r["rejected"] and r["prompt"][-1]["role"] == "user" for r in records)
 

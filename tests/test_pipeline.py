@@ -24,8 +24,8 @@ FAST = {
     "grpo": {"max_steps": 2, "num_generations": 2, "batch_size": 4, "max_completion_length": 8, "max_eval_prompts": 4,
              "logging_steps": 1},
     "reward": {"max_steps": 2, "max_eval_pairs": 8, "batch_size": 4, "logging_steps": 1},
-    "ppo": {"max_steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_completion_length": 8, "max_eval_prompts": 4,
-            "logging_steps": 1},
+    "ppo": {"max_steps": 2, "batch_size": 4, "samples_per_prompt": 1, "mini_batch_size": 2, "max_completion_length": 8,
+            "max_eval_prompts": 4, "logging_steps": 1},
     "vlm": {"max_steps": 2, "eval_answers": 4, "max_eval_records": 8, "batch_size": 4, "logging_steps": 1},
 }
 

@@ -207,9 +207,11 @@ def test_ppo_stage_runs_and_saves(rl_models, rl_events, tmp_path):
     ckpt = main(["--out_dir", str(out), "--init_from", str(rl_models["policy"]),
                  "--reward_model", str(rl_models["reward"]), "--data", str(rl_models["rl_train"]),
                  "--eval_data", str(rl_models["rl_eval"]), "--max_steps", "2", "--batch_size", "4",
-                 "--mini_batch_size", "2", "--max_completion_length", "8", "--max_eval_prompts", "4",
-                 "--rule_reward", "correctness", "--kl_target", "1.0"])
+                 "--samples_per_prompt", "2", "--mini_batch_size", "2", "--max_completion_length", "8",
+                 "--max_eval_prompts", "4", "--rule_reward", "correctness", "--kl_target", "1.0"])
     assert ckpt == out / "ppo" / "checkpoint-2"
+    # 4 prompts x 2 samples = 8 rollouts a step; the report counts rollouts.
+    assert json.loads((out / "ppo" / "seen.json").read_text())["samples"] == 2 * 8
     assert isinstance(AutoModelForCausalLM.from_pretrained(ckpt), torch.nn.Module)
     assert AutoModelForSequenceClassification.from_pretrained(ckpt / "critic").config.num_labels == 1
     assert (ckpt / "ppo_state.pt").is_file() and (ckpt / "tokenizer.json").is_file()
@@ -265,8 +267,8 @@ def test_ppo_resume_after_sigkill_equals_an_uninterrupted_run(rl_models, tmp_pat
         cmd = [sys.executable, "trainer/train_6_ppo.py", "--out_dir", str(out), "--init_from", str(rl_models["policy"]),
                "--reward_model", str(rl_models["reward"]), "--data", str(rl_models["rl_train"]), "--eval_data",
                str(rl_models["rl_eval"]), "--max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
-               "--batch_size", "4", "--mini_batch_size", "2", "--max_completion_length", "8", "--max_eval_prompts", "2",
-               "--lr", "1e-3", "--kl_target", "1.0", "--rule_reward", "killing_reward:digit_share", *extra]
+               "--batch_size", "4", "--samples_per_prompt", "1", "--mini_batch_size", "2", "--max_completion_length", "8",
+               "--max_eval_prompts", "2", "--lr", "1e-3", "--kl_target", "1.0", "--rule_reward", "killing_reward:digit_share", *extra]
         return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                               env={**env, **({"PPO_KILL_AT": str(kill_at)} if kill_at else {})})
 
@@ -298,8 +300,8 @@ def test_ppo_stage_under_torchrun_two_processes(rl_models, torchrun, tmp_path):
     output = torchrun("trainer/train_6_ppo.py", "--out_dir", str(out), "--init_from", str(rl_models["policy"]),
                       "--reward_model", str(rl_models["reward"]), "--data", str(rl_models["rl_train"]),
                       "--eval_data", str(rl_models["rl_eval"]), "--max_steps", "2", "--batch_size", "4",
-                      "--mini_batch_size", "2", "--max_completion_length", "8", "--max_eval_prompts", "4",
-                      "--lr", "1e-3")
+                      "--samples_per_prompt", "1", "--mini_batch_size", "2", "--max_completion_length", "8",
+                      "--max_eval_prompts", "4", "--lr", "1e-3")
     assert "(16 on each of 2 processes)" in output
     ckpt = out / "ppo" / "checkpoint-2"
     trained = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
@@ -330,7 +332,8 @@ def test_ppo_learns_a_rule_reward(rl_models, rl_events, tmp_path, monkeypatch):
     out = tmp_path / "out"
     main(["--out_dir", str(out), "--init_from", str(rl_models["policy"]), "--reward_model", str(rl_models["reward"]),
           "--data", str(rl_models["rl_train"]), "--eval_data", str(rl_models["rl_eval"]), "--max_steps", "40",
-          "--batch_size", "16", "--mini_batch_size", "8", "--max_completion_length", "8", "--max_eval_prompts", "4",
+          "--batch_size", "16", "--samples_per_prompt", "1", "--mini_batch_size", "8", "--max_completion_length", "8",
+          "--max_eval_prompts", "4",
           "--eval_steps", "1000", "--lr", "3e-3", "--kl_coef", "0", "--rule_reward", "toy_reward:digit_share",
           "--rule_reward_weight", "100"])  # the weight drowns the untrained reward model's (normalised) noise
     share = [v for _, v in rl_events(out / "ppo" / "runs")["train/rule_reward"]]

@@ -130,3 +130,18 @@ def test_start_up_prints_no_warning_a_user_cannot_act_on(script):
                           text=True, timeout=120)
     assert done.returncode == 0 and "usage:" in done.stdout
     assert "Failed to load CPU gemm_4bit_forward" not in done.stderr, done.stderr
+
+
+def test_each_stage_reads_its_own_demo_file(tmp_path):
+    """Without --data the reward model trains on the demo's reward pairs (chain answers, PPO's prompts),
+    DPO on the general pairs; evaluate.py's rm_acc reads the reward pairs' held-out file."""
+    from types import SimpleNamespace
+
+    from trainer.lib.data import resolve_data
+    from trainer.lib.tasks import TASKS
+
+    args = SimpleNamespace(data=None, eval_data=None, out_dir=str(tmp_path))
+    reward, dpo = resolve_data(args, "reward"), resolve_data(args, "dpo")
+    assert (reward.train.name, reward.eval.name, reward.demo) == ("reward_train.jsonl", "reward_eval.jsonl", True)
+    assert (dpo.train.name, dpo.eval.name) == ("dpo_train.jsonl", "dpo_eval.jsonl")
+    assert TASKS["rm_acc"].default_data == "reward_eval" and TASKS["pref_acc"].default_data == "dpo_eval"

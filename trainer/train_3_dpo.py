@@ -54,7 +54,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 @dataclass
 class DPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags, TrainerFlags):
-    lr: float = flag(2e-5, "peak learning rate (DPO wants a small one: the reference is one step away)")
+    lr: float = flag(4e-5, "peak learning rate (DPO wants a small one: the reference is one step away)")
     batch_size: int = flag(16, "preference pairs per device per micro-batch")
     epochs: float = flag(1.0, "passes over the training pairs")
     max_length: int = flag(256, "tokens per prompt + reply (longer ones keep their start)")

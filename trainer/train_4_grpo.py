@@ -48,14 +48,15 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vesp
 
 @dataclass
 class GRPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags, TrainerFlags):
-    lr: float = flag(5e-5, "peak learning rate (cosine schedule with warmup)")
+    lr: float = flag(1e-4, "peak learning rate (cosine schedule with warmup)")
+    max_steps: int = flag(200, "GRPO steps (each: batch_size / num_generations prompts); -1 = --epochs over the prompts")
     batch_size: int = flag(32, "completions per device per step (a multiple of --num_generations)")
     epochs: float = flag(1.0, "passes over the prompts")
     logging_steps: int = flag(5, "log rewards/KL/lengths every N steps")
     save_steps: int = flag(100, "save a checkpoint every N steps (and always at the end)")
-    eval_steps: int = flag(100, "measure held-out greedy accuracy every N steps (0 = only before and after)")
+    eval_steps: int = flag(50, "measure held-out greedy accuracy every N steps (0 = only before and after)")
     num_generations: int = flag(8, "group size G: completions sampled per prompt")
-    beta: float = flag(0.04, "KL coefficient towards the starting model (0 = no reference model, faster)")
+    beta: float = flag(0.0, "KL coefficient towards the starting model (0 = no reference model, faster)")
     loss_type: str = flag("dapo", "how token losses are aggregated (trl's GRPOConfig.loss_type)", choices=LOSS_TYPES)
     epsilon: float = flag(0.2, "PPO clip range for the importance ratio")
     max_completion_length: int = flag(REPLY_TOKENS, "maximum tokens per sampled completion")

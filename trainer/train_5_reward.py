@@ -46,7 +46,9 @@ from trainer.lib.stages import StageError, latest_checkpoint, resolve_init, resu
 class RewardArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags, TrainerFlags):
     lr: float = flag(2e-4, "peak learning rate (cosine schedule with warmup)")
     batch_size: int = flag(16, "preference pairs per device per micro-batch")
-    epochs: float = flag(1.0, "passes over the preference pairs")
+    # One pass learns the coarse cues (an answer cut short, no answer line: 100%) but not whether the
+    # operators match the question (65%); that comes in the second pass (100% by the third).
+    epochs: float = flag(3.0, "passes over the preference pairs")
     max_length: int = flag(256, "maximum tokens per prompt + answer (trl's RewardConfig.max_length)")
     eval_steps: int = flag(50, "evaluate held-out loss/accuracy every N steps")
     save_steps: int = flag(200, "save a checkpoint every N steps (and always at the end)")
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     args = parse_args(RewardArgs, argv, __doc__)
     run = start_stage("reward", args)
     init = resolve_init("reward", args.out_dir, args.init_from)
-    data = resolve_data(args, "dpo")
+    data = resolve_data(args, "reward")
 
     train_rows, eval_rows = train_and_eval(data, lambda p: pair_rows(p, args.skip_bad_lines), args.max_eval_pairs)
     if not train_rows:

@@ -47,16 +47,19 @@ from trainer.lib.stages import StageError, resolve_init, resolve_model, resume_c
 
 @dataclass
 class PPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags):
-    lr: float = flag(1e-5, "actor peak learning rate (cosine schedule with warmup)")
+    lr: float = flag(5e-5, "actor peak learning rate (cosine schedule with warmup)")
+    max_steps: int = flag(60, "PPO steps; -1 = --epochs over the prompts")
     critic_lr: float = flag(1e-4, "critic peak learning rate")
-    batch_size: int = flag(16, "prompts (= rollouts) per process per PPO step")
+    batch_size: int = flag(8, "prompts per process per PPO step")
+    samples_per_prompt: int = flag(4, "rollouts sampled for each prompt (batch_size x this = rollouts per step)",
+                                   positive=True)
     mini_batch_size: int = flag(8, "rollouts per optimizer step inside a PPO step")
     ppo_epochs: int = flag(2, "passes over each batch of rollouts")
     logging_steps: int = flag(1, "write TensorBoard scalars every N PPO steps")
     save_steps: int = flag(50, "save a checkpoint every N PPO steps (and always at the end)")
-    eval_steps: int = flag(25, "held-out evaluation every N PPO steps (and before and after)")
+    eval_steps: int = flag(20, "held-out evaluation every N PPO steps (and before and after)")
     max_completion_length: int = flag(REPLY_TOKENS, "maximum tokens per sampled answer")
-    temperature: float = flag(1.0, "sampling temperature (log-probs use the same one)", positive=True)
+    temperature: float = flag(0.7, "sampling temperature (log-probs use the same one)", positive=True)
     kl_coef: float = flag(0.05, "initial coefficient of the per-token KL penalty in the reward")
     kl_target: float = flag(0.0, "> 0: adapt kl_coef so the sequence KL approaches this (Ziegler et al.)")
     kl_horizon: int = flag(10000, "adaptive KL horizon, in rollouts")
@@ -73,13 +76,15 @@ class PPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, Ha
     critic_from: str | None = flag(None, "critic initialisation (default: the reward model)")
     rule_reward: str | None = flag(None, "also add a rule reward: correctness, format or package.module:function")
     rule_reward_weight: float = flag(1.0, "weight of --rule_reward")
-    max_eval_prompts: int = flag(64, "held-out prompts for the reward-model score")
+    max_eval_prompts: int = flag(200, "held-out prompts for the reward-model score and accuracy")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(PPOArgs, argv, __doc__)
-    if args.mini_batch_size > args.batch_size or args.batch_size % args.mini_batch_size:
-        raise StageError(f"--batch_size {args.batch_size} must be a multiple of --mini_batch_size {args.mini_batch_size}")
+    rollouts = args.batch_size * args.samples_per_prompt
+    if args.mini_batch_size > rollouts or rollouts % args.mini_batch_size:
+        raise StageError(f"--batch_size {args.batch_size} x --samples_per_prompt {args.samples_per_prompt} = {rollouts} "
+                         f"rollouts must be a multiple of --mini_batch_size {args.mini_batch_size}")
     run = start_stage("ppo", args)
     rank, world = init_distributed(run.precision.device)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if run.precision.device == "cuda" else "cpu"
@@ -99,9 +104,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise StageError(f"no RL prompts for process {rank} of {world}")
     steps_per_epoch = max(1, len(shard) // args.batch_size)
     total_steps = args.max_steps if args.max_steps > 0 else max(1, int(steps_per_epoch * args.epochs))
-    updates_per_step = args.ppo_epochs * (args.batch_size // args.mini_batch_size)
+    updates_per_step = args.ppo_epochs * (rollouts // args.mini_batch_size)
     logger.info(f"{len(rows)} prompts ({len(shard)} on each of {world} processes), {len(eval_rows)} held out; "
-                f"{total_steps} PPO steps of {args.batch_size * world} rollouts, {updates_per_step} updates each")
+                f"{total_steps} PPO steps of {rollouts * world} rollouts ({args.batch_size * world} prompts x "
+                f"{args.samples_per_prompt}), {updates_per_step} updates each")
 
     state = PPOState.build(args, init, rm_path, critic_path, device, total_steps * updates_per_step,
                            bf16=run.precision.bf16)
@@ -132,9 +138,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                               n=len(eval_rows) if k == "accuracy" else None)
     t0, start = time.time(), state.step
     while state.step < total_steps:
-        local = ppo_step(state, batch_for_step(shard, state.step, args.batch_size, args.seed), args, rule_reward)
+        prompts = batch_for_step(shard, state.step, args.batch_size, args.seed)
+        local = ppo_step(state, [r for r in prompts for _ in range(args.samples_per_prompt)], args, rule_reward)
         metrics = {k: all_mean(v) for k, v in sorted(local.items())}
-        state.kl_ctl.update(metrics["kl"], args.batch_size * world)
+        state.kl_ctl.update(metrics["kl"], rollouts * world)
         state.step += 1
         done = state.step
         if writer is not None and (done % args.logging_steps == 0 or done == total_steps or done == 1):
@@ -156,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         writer.close()
         for k in report.metrics:
             report.after(k, history[-1][1][k])
-        report.save(total_steps, samples=total_steps * args.batch_size * world)  # rollouts
+        report.save(total_steps, samples=total_steps * rollouts * world)  # rollouts
     return run.dir / f"checkpoint-{total_steps}"
 
 

@@ -36,7 +36,7 @@ class DataFiles:
 
 
 def resolve_data(args: Any, kind: str) -> DataFiles:
-    """Training and held-out files for a record kind (pretrain, sft, dpo, rl), from a stage's DataFlags."""
+    """Training and held-out files for a data kind (pretrain, sft, dpo, reward, rl), from a stage's DataFlags."""
     from dataset.demo import write_demo_data
 
     eval_path = Path(args.eval_data) if args.eval_data else None

@@ -138,7 +138,7 @@ def _load_rm(path: Path, device: str):
     return load_reward_model(path).to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
-@register_task("rm_acc", "dpo_eval", "reward model (--stage reward): share of pairs with r(chosen) > r(rejected)")
+@register_task("rm_acc", "reward_eval", "reward model (--stage reward): share of pairs with r(chosen) > r(rejected)")
 def task_rm_acc(req: EvalRequest) -> dict[str, Any]:
     pairs = load_records(req.data, "dpo", limit=req.limit)
     rm, tok = _load_rm(req.model_dir, req.device)
