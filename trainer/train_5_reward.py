@@ -32,7 +32,7 @@ from trl import RewardConfig, RewardTrainer
 
 import model as mm  # noqa: F401  (registers MiniMind with the Auto classes)
 from trainer.lib.callbacks import HeldOutMetricCallback, attach_callbacks
-from trainer.lib.data import pair_rows, resolve_data, train_and_eval
+from trainer.lib.data import pair_dataset, resolve_data, train_and_eval
 from trainer.lib.flags import (CheckpointFlags, DataFlags, HardwareFlags, InitFlags, RunFlags, ScheduleFlags,
                                TrainerFlags, flag, parse_args)
 from trainer.lib.generation import chat_ids
@@ -56,13 +56,15 @@ class RewardArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags,
     max_eval_pairs: int = flag(300, "held-out pairs for the pairwise accuracy")
 
 
-def fitting_pairs(tokenizer, rows: list[dict], max_length: int, name: str) -> list[dict]:
+def fitting_pairs(tokenizer, rows: Dataset | list[dict], max_length: int, name: str) -> Dataset | list[dict]:
     """The pairs whose chosen and rejected conversations both fit in max_length tokens. trl's
     RewardTrainer drops longer pairs without a word; dropping them here, loudly, keeps our held-out
-    accuracy on exactly the pairs trl trains and evaluates on."""
+    accuracy on exactly the pairs trl trains and evaluates on. A Dataset (on disk) streams through
+    and keeps only the indices, so memory stays bounded."""
     def fits(row: dict) -> bool:
         return all(len(chat_ids(tokenizer, row["prompt"] + row[side])) <= max_length for side in ("chosen", "rejected"))
-    kept = [r for r in rows if fits(r)]
+    keep = [i for i, r in enumerate(rows) if fits(r)]
+    kept = rows.select(keep) if isinstance(rows, Dataset) else [rows[i] for i in keep]
     if len(kept) < len(rows):
         logger.warning(f"{len(rows) - len(kept)} of {len(rows)} {name} pairs are longer than --max_length="
                        f"{max_length} tokens and are left out; raise --max_length to keep them")
@@ -75,7 +77,10 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     init = resolve_init("reward", args.out_dir, args.init_from)
     data = resolve_data(args, "reward")
 
-    train_rows, eval_rows = train_and_eval(data, lambda p: pair_rows(p, args.skip_bad_lines), args.max_eval_pairs)
+    # On disk, memory-mapped (trainer/lib/data.py: disk_dataset), as DPO's pairs; the few held-out ones as a list.
+    train_rows, eval_rows = train_and_eval(data, lambda p: pair_dataset(p, run.dir / "cache", args.skip_bad_lines),
+                                           args.max_eval_pairs)
+    eval_rows = list(eval_rows)
     if not train_rows:
         raise StageError(f"{data.train}: no preference pairs to train on")
     logger.info(f"{len(train_rows)} preference pairs, {len(eval_rows)} held out")
@@ -95,7 +100,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
     trainer = RewardTrainer(
         model=model,
         args=config,
-        train_dataset=Dataset.from_list(train_rows),
+        train_dataset=train_rows,
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         callbacks=list(callbacks),
