@@ -394,12 +394,23 @@ def _solved_question_doc(w: _World) -> str:
     return f"{q} {a}"
 
 
+def _picture_doc(w: _World) -> str:
+    """A picture of the VLM stage's world told in words ("The picture shows a red circle at the top
+    left and a blue square at the bottom right."), a scene of this split: the language model knows
+    the words of shapes, colours and places before it ever sees a picture, as a real LM knows English
+    before it is given eyes."""
+    from dataset.demo_vision import caption, random_scene  # late: demo_vision imports this module
+
+    text = caption(random_scene(w.rng, w.split))
+    return f"The picture shows {text[0].lower()}{text[1:]}"
+
+
 def pretrain_texts(n: int, split: str, seed: int = 0) -> list[str]:
-    """``n`` pretraining documents: stories, arithmetic facts, word problems, short Q&A, and
-    questions with their worked answers."""
+    """``n`` pretraining documents: stories, arithmetic facts, word problems, short Q&A, questions
+    with their worked answers, and a few pictures described in words."""
     w = _World(random.Random(f"demo-pretrain-{split}-{seed}"), split)
-    makers = (_story, _facts_doc, _word_problem_story, _qa_doc, _solved_question_doc)
-    weights = (0.25, 0.2, 0.2, 0.1, 0.25)
+    makers = (_story, _facts_doc, _word_problem_story, _qa_doc, _solved_question_doc, _picture_doc)
+    weights = (0.25, 0.2, 0.2, 0.1, 0.25, 0.05)
     docs = []
     for _ in range(n):
         parts = [w.rng.choices(makers, weights)[0](w) for _ in range(w.rng.randint(1, 3))]
@@ -808,8 +819,11 @@ def write_demo_data(out_dir: str | Path, sizes: DemoSizes | None = None) -> dict
 
 def tokenizer_corpus(out_dir: str | Path, sizes: DemoSizes | None = None) -> Iterator[str]:
     """Every *train* text of the demo world, for training the tokenizer: each pretraining
-    document, then each message content of the SFT, DPO and RL train files (written first if
-    missing). Eval files are left out so the tokenizer never sees held-out text."""
+    document, then each message content of the SFT, DPO, reward and RL train files (written first if
+    missing), then the words of the train picture records (:func:`dataset.demo_vision.vision_texts`).
+    Eval files are left out so the tokenizer never sees held-out text."""
+    from dataset.demo_vision import vision_texts  # late: demo_vision imports this module
+
     paths = write_demo_data(out_dir, sizes)
     for stage, key in (("pretrain_train", None), ("sft_train", "conversations"),
                        ("dpo_train", "chosen"), ("dpo_train", "rejected"), ("reward_train", "chosen"),
@@ -823,3 +837,4 @@ def tokenizer_corpus(out_dir: str | Path, sizes: DemoSizes | None = None) -> Ite
                     yield record[key][-1]["content"]
                 else:
                     yield from (m["content"] for m in record[key] if m["content"])
+    yield from vision_texts(out_dir)

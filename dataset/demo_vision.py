@@ -45,7 +45,7 @@ import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -131,7 +131,7 @@ def _png(objects: Scene) -> bytes:
     return buffer.getvalue()
 
 
-def _scene(rng: random.Random, split: str, n_objects: int | None = None) -> Scene:
+def random_scene(rng: random.Random, split: str, n_objects: int | None = None) -> Scene:
     """A random scene of ``split`` with ``n_objects`` (default: 1-3, equally often) in distinct cells."""
     while True:
         n = n_objects or rng.randint(1, 3)
@@ -165,7 +165,7 @@ def caption_records(n: int, split: str, seed: int = 0) -> list[dict]:
     rng = random.Random(f"vlm-caption-{split}-{seed}")
     out = []
     for _ in range(n):
-        objects = _scene(rng, split)
+        objects = random_scene(rng, split)
         out.append(_record(objects, rng.choice(CAPTION_PROMPTS), caption(objects)))
     return out
 
@@ -260,7 +260,7 @@ def qa_records(n: int, split: str, seed: int = 0) -> list[dict]:
         # facts that are independent of their answer (a shape's colour says nothing of its cell).
         compare = _compare_question(rng) if kind == "compare" else None
         while True:
-            objects = _scene(rng, split, int(target) if kind == "count" else None)
+            objects = random_scene(rng, split, int(target) if kind == "count" else None)
             asked = _ask_compare(objects, target, compare) if compare else _ASK[kind](rng, objects, target)
             if asked:
                 out.append(_record(objects, *asked))
@@ -331,6 +331,19 @@ def _write_parquet(path: Path, records: list[dict]) -> None:
 
 
 VISION_DEMO_FILES = ("vlm_caption_train", "vlm_caption_eval", "vlm_qa_train", "vlm_qa_eval")
+
+
+def vision_texts(out_dir: str | Path, sizes: VisionDemoSizes | None = None) -> Iterator[str]:
+    """The words of the *train* picture records (questions without `<image>`, captions, answers), for the
+    tokenizer: one vocabulary for the whole course, so "circle" or "bottom right" is a token or two, not
+    a letter each. Writes the files first if missing."""
+    paths = write_vlm_demo_data(out_dir, sizes)
+    for name in ("vlm_caption_train", "vlm_qa_train"):
+        for conversations in pq.read_table(paths[name], columns=["conversations"])["conversations"].to_pylist():
+            for m in json.loads(conversations):
+                text = m["content"].replace(IMAGE, "").strip()
+                if text:
+                    yield text
 
 
 def write_vlm_demo_data(out_dir: str | Path, sizes: VisionDemoSizes | None = None) -> dict[str, Path]:

@@ -336,3 +336,28 @@ def test_every_demo_question_has_a_skill(data_demo_dir):
             seen.add(skill_of(users[-1]))
     assert "other" not in seen
     assert seen == set(SKILLS)
+
+
+def test_pictures_told_in_words_keep_their_split_and_reach_the_tokenizer(tmp_path):
+    """Pretraining tells a few pictures of the VLM world in words (train scenes in train, eval scenes in
+    eval), and the tokenizer reads the train picture records: "circle" is a token, not six letters."""
+    import pyarrow.parquet as pq
+
+    from dataset.demo import pretrain_texts
+    from dataset.demo_vision import CELLS, SHAPES, VISION_COLOURS, scene_split
+
+    thing = re.compile(rf"an? ({'|'.join(VISION_COLOURS)}) ({'|'.join(SHAPES)}) at the ({'|'.join(CELLS)})")
+    for split in ("train", "eval"):
+        told = [m.group(1) for d in pretrain_texts(300, split) for m in re.finditer(r"The picture shows ([^.]*)\.", d)]
+        assert len(told) >= 10
+        for sentence in told:
+            objects = [(cell, shape, colour) for colour, shape, cell in thing.findall(sentence)]
+            assert objects and scene_split(objects) == split, sentence
+    corpus = set(tokenizer_corpus(tmp_path, SMALL))
+    captions = {json.loads(c)[1]["content"]
+                for name in ("vlm_caption_train", "vlm_caption_eval")
+                for c in pq.read_table(tmp_path / f"{name}.parquet")["conversations"].to_pylist()}
+    train_captions = {json.loads(c)[1]["content"]
+                      for c in pq.read_table(tmp_path / "vlm_caption_train.parquet")["conversations"].to_pylist()}
+    assert train_captions <= corpus and not (captions - train_captions) & corpus
+    assert {"Describe the picture.", "What shape is at the top left?", "yes"} <= corpus
