@@ -613,6 +613,22 @@ def _wrong_number(w: _World, answer: str, value: int) -> str:
     return f"{head} The answer is {wrong}."
 
 
+def _wrong_answer_line(w: _World, answer: str, value: int) -> str:
+    """The worked answer right to its last step, then a slip in writing the answer down: the answer
+    line off by one or by ten ("... so 47 + 25 = 72. The answer is 73.").
+
+    DPO's pairs use this, not :func:`_wrong_number`: when the last equation *and* the answer line are
+    off, the pair differs in two places and only redoing the last column tells them apart; a model
+    that cannot yet do that check learns the cheaper lesson "do not copy the result into the answer
+    line", and held-out answers came out with a right result and a wrong answer line (DPO at lr 4e-5
+    took the RL prompts from 44% to 38%). A slip in the answer line alone teaches "the answer line
+    copies the result", which helps."""
+    delta = w.rng.choice([1, -1, 10, -10])
+    if value + delta < 0:
+        delta = -delta
+    return f"{answer.rpartition(' The answer is')[0]} The answer is {value + delta}."
+
+
 def _forgot_carry(a: int, op: str, b: int) -> tuple[str, int] | None:
     """The classic column slip for a two-digit ``a op b`` whose units carry or borrow, as
     (worked text, wrong value): the carry is dropped ("47 + 25: 7 + 5 = 12; 4 + 2 = 6; so 47 + 25 =
@@ -649,12 +665,12 @@ def _dpo_one(w: _World) -> dict:
         elif mode < 0.5 and a_b and (slip := _forgot_carry(a, op, b)):
             bad = f"{good.replace(_eq(a, op, b), slip[0]).rpartition(' The answer is')[0]} The answer is {slip[1]}."
         elif mode < 0.8:
-            bad = _wrong_number(w, good, value)
+            bad = _wrong_answer_line(w, good, value)
         else:
             bad = good.rpartition(" The answer is")[0]
     elif roll < 0.75:
         q, good, value = _q_steps(w)
-        bad = _wrong_number(w, good, value) if rng.random() < 0.8 else good.rpartition(" The answer is")[0]
+        bad = _wrong_answer_line(w, good, value) if rng.random() < 0.8 else good.rpartition(" The answer is")[0]
     else:
         q, good, answer, facts = _q_world(w)
         if rng.random() < 0.8:
