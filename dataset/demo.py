@@ -56,10 +56,13 @@ from pathlib import Path
 
 DEMO_VERSION = 6
 EVAL_PERCENT = 15
-# Of SFT's bare two-step questions, the share that are chains with random operators (~1% of all
-# SFT chats). At 0 the SFT model answers every chain in the story's pattern (35% right, and never a
-# right sample for "a + b + c": GRPO gets no signal); at 0.3 it reads them (75%): little left for RL.
-CHAIN_SHARE = 0.1
+# Of SFT's (and DPO's) bare two-step questions, the share that are chains with random operators
+# (~2% of all SFT chats). Measured on held-out chains after SFT: at 0 the model writes the story's
+# pattern every time (35% right; a sampled "a + b + c" is never right, so GRPO has no signal there);
+# at 0.1 it reads them now and then, and how often depends on the seed ("a + b + c" right in 0-15%
+# of samples; GRPO gained 12 points in one seed, 32 in another); at 0.3 it reads them (75%), and
+# RL has little left to do.
+CHAIN_SHARE = 0.2
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are a careful math tutor. End with the answer.",
