@@ -1,12 +1,13 @@
 """The demo world in pictures: generated scenes and questions for the vision-language (VLM) stage.
 
-A tiny VLM (a 2-layer ViT over 8x8-pixel patches, joined to a 4-layer language model) trains for a
+A tiny VLM (a 2-layer ViT over 24x24-pixel patches, joined to a 4-layer language model) trains for a
 few minutes on a CPU. It can only show that it *looks* if the pictures are easy to read and the
 questions cannot be answered without them. So the world is drawn, not photographed:
 
 * **A 2x2 grid.** A 48x48 RGB image, black background, split into four 24x24 cells (top left, top
-  right, bottom left, bottom right). Each cell is exactly 3x3 patches, so no object straddles a
-  patch row the ViT has to stitch. A scene holds 1-3 objects in distinct cells; each is a flat
+  right, bottom left, bottom right). With the stage's default 24-pixel patches each cell is one
+  patch (one image token, one object); with 8-pixel patches it is exactly 3x3 of them, so no object
+  ever straddles a patch boundary the ViT has to stitch. A scene holds 1-3 objects in distinct cells; each is a flat
   circle, square or triangle, 18 px across, in one of five pure colours (:data:`VISION_COLOURS`,
   words the text world already uses). ``PIL.ImageDraw`` does not antialias, so every pixel is either
   black or exactly the object's colour: the cell's centre pixel names the colour, its corners name

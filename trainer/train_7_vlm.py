@@ -64,7 +64,9 @@ class VLMArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, Ha
                                           "built-in ViT (frozen unless --train_tower)")
     train_tower: bool = flag(False, "also train a --vision_tower (the built-in ViT always trains)")
     image_size: int = flag(48, "built-in ViT: input size in pixels (images are resized to it)")
-    patch_size: int = flag(8, "built-in ViT: patch side; (image_size / patch_size)^2 image tokens per image")
+    # 24 = one patch per cell of the demo's 2x2 grid: 4 image tokens, each a whole object. With 8
+    # (36 tokens, 3x3 per cell) held-out accuracy was lower (45.5% vs 54.5%) and the stage 2x slower.
+    patch_size: int = flag(24, "built-in ViT: patch side; (image_size / patch_size)^2 image tokens per image")
     vision_hidden_size: int = flag(128, "built-in ViT: width")
     vision_layers: int = flag(2, "built-in ViT: blocks")
     vision_heads: int = flag(4, "built-in ViT: attention heads")
