@@ -102,8 +102,11 @@ def lookup_items(tokenizer, n: int) -> list[tuple[list[int], int, str]]:
         word = answer.split()[-1]
         prefix = tokenizer((question + " " + worked[: worked.index(word)]).rstrip())["input_ids"]
         full = tokenizer(question + " " + worked)["input_ids"]
+        at = len(prefix)
+        while not tokenizer.decode(full[at : at + 1]).strip():  # a small vocabulary may split " red" as " ", "red"
+            at += 1
         kind = "colour" if "What colour" in question else "who" if "Who has" in question else "where"
-        items.append((prefix, full[len(prefix)], kind))
+        items.append((full[:at], full[at], kind))
     return items
 
 
