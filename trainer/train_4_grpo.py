@@ -48,8 +48,8 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vesp
 
 @dataclass
 class GRPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags, TrainerFlags):
-    lr: float = flag(1e-4, "peak learning rate (cosine schedule with warmup)")
-    max_steps: int = flag(200, "GRPO steps (each: batch_size / num_generations prompts); -1 = --epochs over the prompts")
+    lr: float = flag(5e-5, "peak learning rate (cosine schedule with warmup)")
+    max_steps: int = flag(300, "GRPO steps (each: batch_size / num_generations prompts); -1 = --epochs over the prompts")
     batch_size: int = flag(32, "completions per device per step (a multiple of --num_generations)")
     epochs: float = flag(1.0, "passes over the prompts")
     logging_steps: int = flag(5, "log rewards/KL/lengths every N steps")
