@@ -36,7 +36,7 @@ STATE_FILE = "pipeline.json"
 # Seconds each stage took with its defaults on the 2-core CPU: the first guess of the time left,
 # corrected as the run goes by how much faster or slower this machine is.
 EXPECTED_SECONDS = {"tokenizer": 10, "pretrain": 270, "sft": 700, "dpo": 240, "grpo": 560, "reward": 460,
-                    "ppo": 320, "vlm": 340}
+                    "ppo": 600, "vlm": 340}
 PASSED_TO_ALL = ("seed",)  # a pipeline flag every stage with that flag receives
 
 

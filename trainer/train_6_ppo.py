@@ -47,8 +47,8 @@ from trainer.lib.stages import StageError, resolve_init, resolve_model, resume_c
 
 @dataclass
 class PPOArgs(RunFlags, DataFlags, InitFlags, ScheduleFlags, CheckpointFlags, HardwareFlags):
-    lr: float = flag(5e-5, "actor peak learning rate (cosine schedule with warmup)")
-    max_steps: int = flag(60, "PPO steps; -1 = --epochs over the prompts")
+    lr: float = flag(3e-5, "actor peak learning rate (cosine schedule with warmup)")
+    max_steps: int = flag(100, "PPO steps; -1 = --epochs over the prompts")
     critic_lr: float = flag(1e-4, "critic peak learning rate")
     batch_size: int = flag(8, "prompts per process per PPO step")
     samples_per_prompt: int = flag(4, "rollouts sampled for each prompt (batch_size x this = rollouts per step)",
