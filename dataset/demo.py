@@ -607,10 +607,7 @@ def sft_conversations(n: int, split: str, seed: int = 0) -> list[dict]:
 
 def _wrong_number(w: _World, answer: str, value: int) -> str:
     """The worked answer with a plausible arithmetic slip: off by one or by ten in the result."""
-    delta = w.rng.choice([1, -1, 10, -10])
-    if value + delta < 0:
-        delta = -delta
-    wrong = value + delta
+    wrong = _off_by_one_or_ten(w, value)
     head, _, _ = answer.rpartition("The answer is")
     head = re.sub(rf"= {value}\.(?!.*= )", f"= {wrong}.", head.strip())
     return f"{head} The answer is {wrong}."
@@ -626,10 +623,18 @@ def _wrong_answer_line(w: _World, answer: str, value: int) -> str:
     line", and held-out answers came out with a right result and a wrong answer line (DPO at lr 4e-5
     took the RL prompts from 44% to 38%). A slip in the answer line alone teaches "the answer line
     copies the result", which helps."""
+    return f"{_without_answer_line(answer)} The answer is {_off_by_one_or_ten(w, value)}."
+
+
+def _off_by_one_or_ten(w: _World, value: int) -> int:
+    """``value`` +- 1 or +- 10, never negative: the size of a slip in one digit."""
     delta = w.rng.choice([1, -1, 10, -10])
-    if value + delta < 0:
-        delta = -delta
-    return f"{answer.rpartition(' The answer is')[0]} The answer is {value + delta}."
+    return value - delta if value + delta < 0 else value + delta
+
+
+def _without_answer_line(answer: str) -> str:
+    """The worked steps of an answer, its final "The answer is X." cut off."""
+    return answer.rpartition(" The answer is")[0]
 
 
 def _forgot_carry(a: int, op: str, b: int) -> tuple[str, int] | None:
@@ -666,14 +671,14 @@ def _dpo_one(w: _World) -> dict:
             r = a - b if wrong_op == "-" else a + b
             bad = f"{_eq(a, wrong_op, b)} The answer is {r}."
         elif mode < 0.5 and a_b and (slip := _forgot_carry(a, op, b)):
-            bad = f"{good.replace(_eq(a, op, b), slip[0]).rpartition(' The answer is')[0]} The answer is {slip[1]}."
+            bad = f"{_without_answer_line(good.replace(_eq(a, op, b), slip[0]))} The answer is {slip[1]}."
         elif mode < 0.8:
             bad = _wrong_answer_line(w, good, value)
         else:
-            bad = good.rpartition(" The answer is")[0]
+            bad = _without_answer_line(good)
     elif roll < 0.75:
         q, good, value = _q_steps(w)
-        bad = _wrong_answer_line(w, good, value) if rng.random() < 0.8 else good.rpartition(" The answer is")[0]
+        bad = _wrong_answer_line(w, good, value) if rng.random() < 0.8 else _without_answer_line(good)
     else:
         q, good, answer, facts = _q_world(w)
         if rng.random() < 0.8:
@@ -681,7 +686,7 @@ def _dpo_one(w: _World) -> dict:
             wrong = facts[(i + 1) % len(facts)][facts[i].index(answer)]
             bad = good.replace(answer, wrong)
         else:
-            bad = good.rpartition(" The answer is")[0]
+            bad = _without_answer_line(good)
     prompt = [{"role": "user", "content": q}]
     return {
         "chosen": prompt + [{"role": "assistant", "content": good}],
