@@ -1,7 +1,10 @@
 """configs/accelerate/*.yaml: every key is one the installed accelerate accepts, the FSDP wrap class is
-the model's decoder layer, and the multi-CPU config really runs a Trainer stage on two processes."""
+the model's decoder layer, the multi-CPU config and both DeepSpeed ZeRO configs really run a Trainer
+stage on two CPU processes (DeepSpeed: where it is installed; CI installs it), and the model shards
+under FSDP2 on two CPU processes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from trainer.lib.stages import REPO_ROOT, latest_checkpoint
@@ -41,22 +45,62 @@ def test_fsdp_wraps_the_models_decoder_layer():
     assert raw["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] in names
 
 
-def test_accelerate_launch_multi_cpu_runs_sft_on_two_processes(stage_out_dir, tmp_path):
+def _accelerate_sft(config: Path, stage_out_dir: Path, out: Path, **env_extra: str) -> Path:
+    """Two processes of `accelerate launch --config_file config` running SFT for 2 steps, with the
+    held-out answers and a sample decoded (both generate, which under ZeRO-3 needs every process) ->
+    the checkpoint it saved. (accelerate's MULTI_CPU + use_cpu launches one process without mpirun:
+    the sample count catches a config that silently trains alone.)"""
     exe = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     data = stage_out_dir / "small_data"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env_extra}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [exe, "launch", "--config_file", "configs/accelerate/multi_cpu.yaml", "--main_process_port", "0",
-           "trainer/train_2_sft.py", "--out_dir", str(tmp_path), "--init_from", str(stage_out_dir / "pretrain" / "checkpoint-1"),
+    cmd = [exe, "launch", "--config_file", str(config), "--main_process_port", "0",
+           "trainer/train_2_sft.py", "--out_dir", str(out), "--init_from", str(stage_out_dir / "pretrain" / "checkpoint-1"),
            "--data", str(data / "sft_train.jsonl"), "--eval_data", str(data / "sft_eval.jsonl"), "--max_steps", "2",
-           "--batch_size", "2", "--eval_answers", "0", "--max_eval_conversations", "4", "--sample_prompts", "Hi",
+           "--batch_size", "2", "--eval_answers", "2", "--max_eval_conversations", "4", "--sample_prompts", "Hi",
            "--max_new_tokens", "4", "--save_steps", "100", "--eval_steps", "100", "--device", "cpu"]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert latest_checkpoint(tmp_path / "sft").name == "checkpoint-2"
-    writers = {p.name.split(".")[-2] for p in (tmp_path / "sft").rglob("events.out.tfevents.*")}
+    assert "sample: Hi ->" in done.stderr + done.stdout  # the decode during evaluation finished
+    writers = {p.name.split(".")[-2] for p in (out / "sft").rglob("events.out.tfevents.*")}
     assert len(writers) == 1  # one process of the two logs
+    seen = json.loads((out / "sft" / "seen.json").read_text())
+    assert seen["samples"] == 2 * 2 * 2  # steps x batch x processes: two processes really trained
+    return latest_checkpoint(out / "sft")
+
+
+@pytest.fixture(scope="module")
+def multi_cpu_sft(stage_out_dir, tmp_path_factory) -> Path:
+    return _accelerate_sft(REPO_ROOT / "configs" / "accelerate" / "multi_cpu.yaml", stage_out_dir,
+                           tmp_path_factory.mktemp("multi_cpu"))
+
+
+def test_accelerate_launch_multi_cpu_runs_sft_on_two_processes(multi_cpu_sft):
+    assert multi_cpu_sft.name == "checkpoint-2"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_runs_sft_on_two_cpu_processes_and_matches_ddp(stage, multi_cpu_sft, stage_out_dir, tmp_path):
+    """The shipped ZeRO config, on two CPU processes (DeepSpeed's CPU accelerator, gloo), fp32: the
+    saved weights equal the DDP run's. ZeRO-3 also checks that decoding during training (samples,
+    held-out answers) runs on every process: the weights are sharded, so a decode on the main process
+    alone would wait for the others forever."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml").read_text())
+    raw.update(num_processes=2, mixed_precision="no")  # bf16 is for the GPUs it is written for
+    config = tmp_path / "zero.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    ckpt = _accelerate_sft(config, stage_out_dir, tmp_path / "run", DS_ACCELERATOR="cpu")
+    assert ckpt.name == "checkpoint-2"
+    ddp = load_file(multi_cpu_sft / "model.safetensors")
+    zero = load_file(ckpt / "model.safetensors")
+    assert set(ddp) <= set(zero)  # ZeRO-2 also writes the tied lm_head.weight out
+    for name, weight in ddp.items():
+        diff = (zero[name] - weight).abs().max().item()
+        assert diff < 1e-6, f"{name}: {diff:.3g} from the DDP run's weights"
 
 
 FSDP_WORKER = '''
@@ -92,10 +136,6 @@ def test_fsdp2_shards_the_model_on_two_cpu_processes_and_matches_one_process(tor
     checked here directly: torch's FSDP2 ``fully_shard`` per DecoderLayer on two gloo processes gives
     the same losses as one process on the whole batch (SGD: the mean of the shards' gradients is the
     full batch's gradient)."""
-    import json
-
-    import torch
-
     import model as mm
 
     batch = torch.randint(0, mm.config_from_preset("tiny").vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))

@@ -61,9 +61,13 @@ class SampleCallback(TrainerCallback):
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model=None, **kwargs) -> None:
-        if not state.is_world_process_zero or model is None or not self.prompts:
+        if model is None or not self.prompts:
             return
+        # Every process decodes: under ZeRO-3 or FSDP each forward gathers the sharded weights from all
+        # of them, and a decode on the main process alone waits for the others forever.
         texts = self.samples(model)
+        if not state.is_world_process_zero:
+            return
         for t in texts:
             logger.info(f"sample: {t}")
         writer = tensorboard_writer(self.trainer)
@@ -73,8 +77,8 @@ class SampleCallback(TrainerCallback):
 
 class HeldOutMetricCallback(TrainerCallback):
     """For trl stages: `measure(model) -> float | None` on held-out data at the start of training,
-    every `every` steps (0 = never) and at the end, on the main process; logged and written to
-    TensorBoard under `tag`. `history` = [(step, value)]: first = before, last = after."""
+    every `every` steps (0 = never) and at the end, on every process; logged and written to
+    TensorBoard under `tag` by the main one. `history` = [(step, value)]: first = before, last = after."""
 
     def __init__(self, trainer, tag: str, measure: Callable[[torch.nn.Module], float | None], every: int = 0) -> None:
         self.trainer, self.tag, self.measure, self.every = trainer, tag, measure, every
@@ -82,14 +86,15 @@ class HeldOutMetricCallback(TrainerCallback):
         self._written = 0
 
     def _measure(self, state, model) -> None:
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return
         if self.history and self.history[-1][0] == state.global_step:
             return
-        value = self.measure(model)
+        value = self.measure(model)  # on every process, as SampleCallback decodes (sharded weights)
         if value is not None:
             self.history.append((state.global_step, value))
-            logger.info(f"step {state.global_step}: held-out {self.tag.split('/')[-1]} {value:.4f}")
+            if state.is_world_process_zero:
+                logger.info(f"step {state.global_step}: held-out {self.tag.split('/')[-1]} {value:.4f}")
 
     def _write(self) -> None:
         writer = tensorboard_writer(self.trainer)
