@@ -1,5 +1,6 @@
 """Shared stage plumbing (trainer/lib/flags.py, stages.py, runtime.py): --config YAML, errors that name the fix, stage discovery."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,17 @@ def test_start_up_prints_no_warning_a_user_cannot_act_on(script):
                           text=True, timeout=120)
     assert done.returncode == 0 and "usage:" in done.stdout
     assert "Failed to load CPU gemm_4bit_forward" not in done.stderr, done.stderr
+
+
+def test_deepspeed_does_not_warn_that_a_cpu_run_uses_the_cpu():
+    """Where DeepSpeed is installed, a Trainer stage imports it when it builds its trainer, and it
+    warns that it is "setting accelerator to CPU" on a machine without a GPU."""
+    pytest.importorskip("deepspeed")
+    code = "import trainer.train_3_dpo\nfrom deepspeed.accelerator import get_accelerator\nprint(get_accelerator().device_name())"
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr
 
 
 def test_each_stage_reads_its_own_demo_file(tmp_path):

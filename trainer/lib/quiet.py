@@ -3,6 +3,8 @@
 Imported first by the stages that import trl (which imports peft, which imports bitsandbytes):
 bitsandbytes' CPU backend looks for an optional kernel package on import and logs a warning when it
 is absent, although its built-in CPU path works (tests/test_sft.py trains with --qlora on CPU).
+Where DeepSpeed is installed, transformers imports it and it warns on a machine without a GPU that it
+is "setting accelerator to CPU": that is what a CPU run wants.
 """
 
 from __future__ import annotations
@@ -20,3 +22,4 @@ class _DropMessage(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+logging.getLogger("DeepSpeed").addFilter(_DropMessage("Setting accelerator to CPU"))
