@@ -274,6 +274,15 @@ def plumb_pretrain(tmp_path_factory, plumb_pretrain_argv):
         return out, train_1_pretrain.main(plumb_pretrain_argv(out))
 
 
+def launcher_env(**extra: str) -> dict[str, str]:
+    """This environment for a launcher of two processes (torchrun, accelerate launch): one thread
+    each, and none of the variables of a process group this one may be part of."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TENSORBOARD_LOGGING_DIR"):
+        env.pop(var, None)
+    return env
+
+
 @pytest.fixture
 def torchrun():
     """Run a stage script as two gloo processes: ``torchrun(script, *args) -> combined output``.
@@ -285,9 +294,7 @@ def torchrun():
     exe = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     if not Path(exe).is_file():
         pytest.skip("torchrun not found")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TENSORBOARD_LOGGING_DIR"):
-        env.pop(var, None)
+    env = launcher_env()
 
     def run(script: str, *args: str) -> str:
         cmd = [exe, "--standalone", "--nproc_per_node", "2", script, *args]  # standalone: a free port

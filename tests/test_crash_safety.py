@@ -38,12 +38,17 @@ if mode:
 '''
 
 
-@pytest.fixture
-def pretrain(plumb_corpus, plumb_tokenizer_out, tmp_path):
+def killer_env(tmp_path) -> dict[str, str]:
+    """The environment of a stage subprocess that dies where CRASH_MODE / CRASH_AT say (KILLER)."""
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), str(REPO_ROOT)])}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), str(REPO_ROOT)])}
+
+
+@pytest.fixture
+def pretrain(plumb_corpus, plumb_tokenizer_out, tmp_path):
+    env = killer_env(tmp_path)
 
     def run(out, *extra, crash: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "trainer/train_1_pretrain.py", "--data", str(plumb_corpus["pretrain_train"]),
@@ -130,10 +135,7 @@ def test_every_trainer_stage_killed_during_a_save_resumes_from_the_last_complete
     every other Trainer stage: the cut checkpoint is never picked up and --resume ends on the weights
     of a run that was never killed. (PPO writes its own checkpoints: its SIGKILL test is in
     test_ppo.py.)"""
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), str(REPO_ROOT)])}
+    env = killer_env(tmp_path)
     argv = _vlm_argv(stage_out_dir, tmp_path) if stage == "vlm" else _stage_argv(stage, rl_models)
     kill_at = 4 if stage == "vlm" else 2  # phase 1 of the VLM saves twice first (vlm/align/)
 

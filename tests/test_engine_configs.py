@@ -5,7 +5,6 @@ under FSDP2 on two CPU processes."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import launcher_env
 from trainer.lib.stages import REPO_ROOT, latest_checkpoint
 
 CONFIGS = sorted((REPO_ROOT / "configs" / "accelerate").glob("*.yaml"))
@@ -52,9 +52,7 @@ def _accelerate_sft(config: Path, stage_out_dir: Path, out: Path, **env_extra: s
     the sample count catches a config that silently trains alone.)"""
     exe = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     data = stage_out_dir / "small_data"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env_extra}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = launcher_env(**env_extra)
     cmd = [exe, "launch", "--config_file", str(config), "--main_process_port", "0",
            "trainer/train_2_sft.py", "--out_dir", str(out), "--init_from", str(stage_out_dir / "pretrain" / "checkpoint-1"),
            "--data", str(data / "sft_train.jsonl"), "--eval_data", str(data / "sft_eval.jsonl"), "--max_steps", "2",
