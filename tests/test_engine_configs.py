@@ -124,7 +124,8 @@ for _ in range(3):
     opt.zero_grad()
     losses.append(loss.item())
 sharded = type(lm.model.layers[0].mlp.gate_proj.weight).__name__
-print("RESULT", json.dumps({"rank": rank, "losses": losses, "param_type": sharded}), flush=True)
+with open(f"{sys.argv[2]}/result_{rank}.json", "w") as f:  # a file each: their stdout lines can interleave
+    json.dump({"rank": rank, "losses": losses, "param_type": sharded}, f)
 dist.destroy_process_group()
 '''
 
@@ -139,8 +140,8 @@ def test_fsdp2_shards_the_model_on_two_cpu_processes_and_matches_one_process(tor
     batch = torch.randint(0, mm.config_from_preset("tiny").vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
     torch.save(batch, tmp_path / "batch.pt")
     (tmp_path / "worker.py").write_text(FSDP_WORKER)
-    output = torchrun(str(tmp_path / "worker.py"), str(tmp_path / "batch.pt"))
-    results = [json.loads(line[len("RESULT "):]) for line in output.splitlines() if line.startswith("RESULT")]
+    torchrun(str(tmp_path / "worker.py"), str(tmp_path / "batch.pt"), str(tmp_path))
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result_*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["param_type"] == "DTensor" for r in results)  # the weights really are sharded
     fsdp = [sum(step) / 2 for step in zip(*(r["losses"] for r in results))]
